@@ -1,0 +1,92 @@
+//! The admin listeners: `/healthz` and `/readyz` on the probe port, `/metrics` on the metrics
+//! port (each listener answers all three, so one port can serve both roles).
+//!
+//! Probes answer from in-process state only. They never call the credentials port over the
+//! link-local address: a slow network path must not get a healthy agent restarted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::cache::CredentialCache;
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+
+/// What readiness depends on.
+pub struct Readiness {
+    pub listeners_bound: AtomicBool,
+    pub keys: Option<Arc<KeyStore>>,
+}
+
+impl Readiness {
+    /// `Ok` when the agent can answer a pod, else the reason it cannot.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.listeners_bound.load(Ordering::Acquire) {
+            return Err("credential listeners are not bound");
+        }
+        if self.keys.as_ref().is_some_and(|k| !k.is_loaded()) {
+            return Err("verification keys are not loaded");
+        }
+        Ok(())
+    }
+}
+
+pub struct AdminState {
+    pub readiness: Readiness,
+    pub metrics: Metrics,
+    pub cache: Arc<CredentialCache>,
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+pub async fn handle(
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+    _peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+        "/readyz" => match state.readiness.check() {
+            Ok(()) => text(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ready\n".into(),
+            ),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => {
+            state
+                .metrics
+                .cache_entries
+                .set(state.cache.entry_count() as i64);
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,553 @@
+//! Command line and environment, parsed once into a typed [`Config`].
+//!
+//! Every flag can also be set from an environment variable (`POD_IDENTITY_AGENT_<FLAG>`),
+//! which is how a DaemonSet usually passes settings. Anything clap cannot check by type is
+//! validated in [`ServerArgs::into_config`], so a bad value is reported before any socket is
+//! opened, as one line naming the flag, with exit code 64 (`EX_USAGE`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hyper::Uri;
+
+/// Audience the EKS Pod Identity webhook projects into pod tokens.
+pub const DEFAULT_AUDIENCE: &str = "pods.eks.amazonaws.com";
+/// The link-local addresses every SDK allow-lists for plain-HTTP container credentials.
+pub const DEFAULT_BIND_HOSTS: &str = "169.254.170.23,[fd00:ec2::23]";
+/// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_USAGE: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pod-identity-agent",
+    version,
+    about = "Node-local AWS credential agent for Kubernetes pods"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve pod credentials (the daemon).
+    Server(Box<ServerArgs>),
+    /// Create the link-local link and addresses the server binds to.
+    Initialize(InitializeArgs),
+    /// Self-contained demo: generated key, token file, in-process EKS Auth stand-in.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheScope {
+    /// One entry per pod (namespace, service account, pod UID).
+    Pod,
+    /// One entry per association (namespace, service account), shared by its pods.
+    Association,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    EksAuth,
+    Sts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax, e.g. `info` or `info,pod_identity_agent=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Cluster name sent to EKS Auth (required for the eks-auth backend).
+    #[arg(short = 'c', long, env = "POD_IDENTITY_AGENT_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Credentials port.
+    #[arg(
+        short = 'p',
+        long,
+        env = "POD_IDENTITY_AGENT_PORT",
+        default_value_t = 80
+    )]
+    pub port: u16,
+    /// Addresses to serve credentials on (IPv6 in brackets); comma-separated or repeated.
+    #[arg(short = 'b', long, env = "POD_IDENTITY_AGENT_BIND_HOSTS", value_delimiter = ',', default_value = DEFAULT_BIND_HOSTS)]
+    pub bind_hosts: Vec<String>,
+    /// Port of /healthz and /readyz.
+    #[arg(long, env = "POD_IDENTITY_AGENT_PROBE_PORT", default_value_t = 2703)]
+    pub probe_port: u16,
+    /// Address of /healthz and /readyz.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_PROBE_ADDRESS",
+        default_value = "127.0.0.1"
+    )]
+    pub probe_address: IpAddr,
+    /// Address of the Prometheus /metrics listener.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_METRICS_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
+    pub metrics_address: IpAddr,
+    /// Port of the Prometheus /metrics listener.
+    #[arg(long, env = "POD_IDENTITY_AGENT_METRICS_PORT", default_value_t = 2705)]
+    pub metrics_port: u16,
+    /// EKS Auth endpoint override (URL).
+    #[arg(long, env = "POD_IDENTITY_AGENT_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// AWS region (default: AWS_REGION, the shared config, then instance metadata).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// JWKS file for local token verification (re-read when it changes).
+    #[arg(long, env = "POD_IDENTITY_AGENT_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL for local token verification (polled, and re-fetched on an unknown key id).
+    #[arg(long, env = "POD_IDENTITY_AGENT_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Expected token issuer; also the key source (OIDC discovery) when no JWKS flag is given.
+    #[arg(long, env = "POD_IDENTITY_AGENT_ISSUER")]
+    pub issuer: Option<String>,
+    /// Accepted token audiences; a token must carry at least one. Comma-separated or repeated.
+    #[arg(long, env = "POD_IDENTITY_AGENT_AUDIENCE", value_delimiter = ',', default_value = DEFAULT_AUDIENCE)]
+    pub audience: Vec<String>,
+    /// Cache key: per pod, or per association (namespace/service account).
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_CACHE_SCOPE",
+        value_enum,
+        default_value = "pod"
+    )]
+    pub cache_scope: CacheScope,
+    /// Maximum number of cached entries.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_MAX_CACHE_SIZE",
+        default_value_t = 2000
+    )]
+    pub max_cache_size: u64,
+    /// Longest time cached credentials are served before they are fetched again.
+    #[arg(long, env = "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL", value_parser = humantime::parse_duration, default_value = "3h")]
+    pub max_credential_retention_before_renewal: Duration,
+    /// Background refresh budget to the upstream, in calls per second.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_MAX_SERVICE_QPS",
+        default_value_t = 3.0
+    )]
+    pub max_service_qps: f64,
+    /// Credential source.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_BACKEND",
+        value_enum,
+        default_value = "eks-auth"
+    )]
+    pub backend: BackendKind,
+    /// Associations file (sts backend).
+    #[arg(long, env = "POD_IDENTITY_AGENT_ASSOCIATIONS")]
+    pub associations: Option<PathBuf>,
+    /// STS endpoint override (sts backend).
+    #[arg(long, env = "POD_IDENTITY_AGENT_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
+    #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
+    pub rotate_credentials: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitializeArgs {
+    #[arg(long, default_value = "pod-id-link0")]
+    pub link_name: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "169.254.170.23/32,fd00:ec2::23/128"
+    )]
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Credentials port for the demo (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Where the verification keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Url(Uri),
+    /// OIDC discovery from the issuer.
+    Discovery(Uri),
+}
+
+/// Static credentials for the agent's own upstream calls, used by `dev` only; the daemon takes
+/// its credentials from the AWS SDK's default chain.
+#[derive(Clone)]
+pub struct StaticUpstreamCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for StaticUpstreamCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticUpstreamCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"** redacted **")
+            .finish()
+    }
+}
+
+/// Validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_name: String,
+    pub credential_listeners: Vec<SocketAddr>,
+    pub probe_listener: SocketAddr,
+    pub metrics_listener: SocketAddr,
+    /// EKS Auth endpoint URL, validated, without a trailing slash.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub key_source: Option<KeySource>,
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    pub cache_scope: CacheScope,
+    pub max_cache_size: u64,
+    pub max_retention: Duration,
+    pub max_service_qps: f64,
+    pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
+}
+
+/// A configuration error: the flag and what is wrong with its value.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
+}
+
+impl ServerArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        if self.backend == BackendKind::Sts {
+            return Err(bad("backend", "the sts backend is not supported yet"));
+        }
+        if self.associations.is_some() {
+            return Err(bad(
+                "associations",
+                "not supported yet (needs the sts backend)",
+            ));
+        }
+        if self.sts_endpoint.is_some() {
+            return Err(bad(
+                "sts-endpoint",
+                "not supported yet (needs the sts backend)",
+            ));
+        }
+        if self.rotate_credentials {
+            return Err(bad("rotate-credentials", "not supported yet"));
+        }
+        let cluster_name = match self.cluster_name {
+            Some(name) => validate_cluster_name(&name).map(|()| name)?,
+            None => return Err(bad("cluster-name", "required for the eks-auth backend")),
+        };
+        let mut credential_listeners = Vec::new();
+        for host in self
+            .bind_hosts
+            .iter()
+            .map(|h| h.trim())
+            .filter(|h| !h.is_empty())
+        {
+            let ip = parse_bind_host(host).ok_or_else(|| {
+                bad(
+                    "bind-hosts",
+                    format!("'{host}' is not an IPv4 address or a bracketed IPv6 address"),
+                )
+            })?;
+            let addr = SocketAddr::new(ip, self.port);
+            if !credential_listeners.contains(&addr) {
+                credential_listeners.push(addr);
+            }
+        }
+        if credential_listeners.is_empty() {
+            return Err(bad("bind-hosts", "at least one address is required"));
+        }
+        let endpoint = match self.endpoint.as_deref() {
+            Some(e) => {
+                parse_http_url("endpoint", e).map(|_| Some(e.trim_end_matches('/').to_owned()))?
+            }
+            None => None,
+        };
+        if let Some(region) = &self.region {
+            let valid = !region.is_empty()
+                && region.len() <= 64
+                && region
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                return Err(bad("region", format!("'{region}' is not a region name")));
+            }
+        }
+        let issuer = match &self.issuer {
+            Some(iss) => {
+                parse_http_url("issuer", iss)?;
+                Some(iss.clone())
+            }
+            None => None,
+        };
+        let key_source = match (&self.jwks_file, &self.jwks_url) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "jwks-url",
+                    "give either --jwks-file or --jwks-url, not both",
+                ))
+            }
+            (Some(path), None) => Some(KeySource::File(path.clone())),
+            (None, Some(url)) => Some(KeySource::Url(parse_http_url("jwks-url", url)?)),
+            (None, None) => match &issuer {
+                Some(iss) => Some(KeySource::Discovery(parse_http_url("issuer", iss)?)),
+                None => None,
+            },
+        };
+        let audiences: Vec<String> = self
+            .audience
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if audiences.is_empty() {
+            return Err(bad("audience", "at least one audience is required"));
+        }
+        if self.max_cache_size == 0 {
+            return Err(bad("max-cache-size", "must be at least 1"));
+        }
+        if self.max_credential_retention_before_renewal < MIN_RETENTION {
+            return Err(bad(
+                "max-credential-retention-before-renewal",
+                "must be at least 1m",
+            ));
+        }
+        if !(self.max_service_qps.is_finite() && self.max_service_qps > 0.0) {
+            return Err(bad("max-service-qps", "must be a positive number"));
+        }
+        Ok(Config {
+            cluster_name,
+            credential_listeners,
+            probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
+            metrics_listener: SocketAddr::new(self.metrics_address, self.metrics_port),
+            endpoint,
+            region: self.region,
+            key_source,
+            issuer,
+            audiences,
+            cache_scope: self.cache_scope,
+            max_cache_size: self.max_cache_size,
+            max_retention: self.max_credential_retention_before_renewal,
+            max_service_qps: self.max_service_qps,
+            static_upstream_credentials: None,
+        })
+    }
+}
+
+/// Shorter retention would turn the cache into a pass-through with extra steps.
+const MIN_RETENTION: Duration = Duration::from_secs(60);
+
+/// EKS cluster names: 1-100 characters, `[0-9A-Za-z][A-Za-z0-9\-_]*` (the EKS Auth model).
+fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if first_ok && rest_ok && name.len() <= 100 {
+        Ok(())
+    } else {
+        Err(bad(
+            "cluster-name",
+            format!("'{name}' is not a valid EKS cluster name"),
+        ))
+    }
+}
+
+/// `169.254.170.23` or `[fd00:ec2::23]`; a bare IPv6 address is accepted too, since it is
+/// unambiguous without a port.
+pub fn parse_bind_host(host: &str) -> Option<IpAddr> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    host.parse::<IpAddr>().ok()
+}
+
+fn parse_http_url(flag: &'static str, value: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| bad(flag, format!("'{value}' is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") if uri.host().is_some() => Ok(uri),
+        _ => Err(bad(flag, format!("'{value}' is not an http(s) URL"))),
+    }
+}
+
+impl Default for Config {
+    /// A configuration for tests and the demo: loopback only, ephemeral ports.
+    fn default() -> Self {
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Config {
+            cluster_name: "dev".into(),
+            credential_listeners: vec![SocketAddr::new(loopback, 0)],
+            probe_listener: SocketAddr::new(loopback, 0),
+            metrics_listener: SocketAddr::new(loopback, 0),
+            endpoint: None,
+            region: None,
+            key_source: None,
+            issuer: None,
+            audiences: vec![DEFAULT_AUDIENCE.into()],
+            cache_scope: CacheScope::Pod,
+            max_cache_size: 2000,
+            max_retention: Duration::from_secs(3 * 3600),
+            max_service_qps: 3.0,
+            static_upstream_credentials: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["pod-identity-agent", "server"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Server(s) => s.into_config().map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_bind_both_link_local_addresses() {
+        let cfg = parse(&["-c", "prod"]).unwrap();
+        let hosts: Vec<String> = cfg
+            .credential_listeners
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(hosts, ["169.254.170.23:80", "[fd00:ec2::23]:80"]);
+        assert_eq!(cfg.audiences, [DEFAULT_AUDIENCE]);
+        assert_eq!(cfg.cache_scope, CacheScope::Pod);
+        assert_eq!(cfg.max_retention, Duration::from_secs(3 * 3600));
+        assert!(cfg.key_source.is_none());
+    }
+
+    #[test]
+    fn bind_hosts_repeated_and_comma_separated() {
+        let cfg = parse(&[
+            "-c",
+            "x",
+            "-b",
+            "127.0.0.1,[::1]",
+            "-b",
+            "10.0.0.1",
+            "-p",
+            "8080",
+        ])
+        .unwrap();
+        let hosts: Vec<String> = cfg
+            .credential_listeners
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(hosts, ["127.0.0.1:8080", "[::1]:8080", "10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        for (args, flag) in [
+            (vec!["-b", "localhost", "-c", "x"], "--bind-hosts"),
+            (vec![], "--cluster-name"),
+            (vec!["-c", "-bad"], "--cluster-name"),
+            (vec!["-c", "x", "--endpoint", "ftp://x"], "--endpoint"),
+            (vec!["-c", "x", "--jwks-url", "not a url"], "--jwks-url"),
+            (vec!["-c", "x", "--max-cache-size", "0"], "--max-cache-size"),
+            (vec!["-c", "x", "--backend", "sts"], "--backend"),
+            (vec!["-c", "x", "--audience", ","], "--audience"),
+            (vec!["-c", "x", "--region", "US East"], "--region"),
+            (
+                vec!["-c", "x", "--max-service-qps", "NaN"],
+                "--max-service-qps",
+            ),
+            (
+                vec!["-c", "x", "--max-credential-retention-before-renewal", "5s"],
+                "--max-credential-retention-before-renewal",
+            ),
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn clap_type_errors_name_the_flag() {
+        for (args, flag) in [
+            (vec!["-c", "x", "--port", "http"], "--port"),
+            (vec!["-c", "x", "--cache-scope", "node"], "--cache-scope"),
+            (
+                vec![
+                    "-c",
+                    "x",
+                    "--max-credential-retention-before-renewal",
+                    "soon",
+                ],
+                "--max-credential-retention-before-renewal",
+            ),
+        ] {
+            let err = parse(&args).unwrap_err();
+            let first = err.lines().next().unwrap_or_default();
+            assert!(first.contains(flag), "{args:?}: {first}");
+        }
+    }
+
+    #[test]
+    fn issuer_alone_is_discovery() {
+        let cfg = parse(&["-c", "x", "--issuer", "https://oidc.example/id/1"]).unwrap();
+        assert!(matches!(cfg.key_source, Some(KeySource::Discovery(_))));
+        let cfg = parse(&["-c", "x", "--issuer", "https://i", "--jwks-file", "/k.json"]).unwrap();
+        assert_eq!(cfg.key_source, Some(KeySource::File("/k.json".into())));
+        assert_eq!(cfg.issuer.as_deref(), Some("https://i"));
+    }
+
+    #[test]
+    fn audience_list() {
+        let cfg = parse(&["-c", "x", "--audience", "a,b", "--audience", "c"]).unwrap();
+        assert_eq!(cfg.audiences, ["a", "b", "c"]);
+    }
+}

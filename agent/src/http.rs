@@ -1,0 +1,506 @@
+//! The credentials port: listeners, the one route, the Host allow-list, request limits, and
+//! the single place where every error becomes a status and a JSON body.
+//!
+//! A request goes, top to bottom: route and method -> Host -> Authorization -> token
+//! verification -> cache -> JSON.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::cache::{CacheError, CredentialCache};
+use crate::metrics::Metrics;
+use crate::token::{TokenError, Verifier};
+use crate::upstream::{Credentials, FailureKind};
+
+/// The only route on the credentials port.
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// A client that has not sent its whole header section by then is disconnected.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header section limit: a pod token is about 1 KiB; hyper answers 431 above this.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Bound on draining in-flight requests at shutdown (the contract allows 10 s in all).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+/// What a throttled client is told to wait; the SDKs retry after about 1 s anyway.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Shared state of the credential listeners.
+pub struct AppState {
+    pub verifier: Verifier,
+    pub cache: Arc<CredentialCache>,
+    pub metrics: Metrics,
+    pub hosts: HostAllowList,
+}
+
+/// Addresses the agent is bound to, as the Host header may name them.
+#[derive(Debug, Clone, Default)]
+pub struct HostAllowList {
+    bound: Vec<SocketAddr>,
+}
+
+impl HostAllowList {
+    pub fn new(bound: Vec<SocketAddr>) -> Self {
+        HostAllowList { bound }
+    }
+
+    /// True when `host` is a bound IP literal (IPv6 in brackets), optionally with the port
+    /// of a listener on that IP. Names, even `localhost`, are refused: a DNS-rebinding page
+    /// in a browser on the node would send its own name.
+    pub fn allows(&self, host: &str) -> bool {
+        let Some((ip, port)) = parse_host(host) else {
+            return false;
+        };
+        self.bound
+            .iter()
+            .any(|a| a.ip() == ip && port.is_none_or(|p| p == a.port()))
+    }
+}
+
+fn parse_host(host: &str) -> Option<(IpAddr, Option<u16>)> {
+    let (ip, rest) = if let Some(inner) = host.strip_prefix('[') {
+        let (addr, rest) = inner.split_once(']')?;
+        (IpAddr::V6(addr.parse::<Ipv6Addr>().ok()?), rest)
+    } else {
+        let (addr, rest) = match host.find(':') {
+            Some(i) => host.split_at(i),
+            None => (host, ""),
+        };
+        (IpAddr::V4(addr.parse::<Ipv4Addr>().ok()?), rest)
+    };
+    let port = match rest {
+        "" => None,
+        _ => {
+            let digits = rest.strip_prefix(':')?;
+            if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            Some(digits.parse::<u16>().ok()?)
+        }
+    };
+    Some((ip, port))
+}
+
+/// Every way a request can fail, classified once.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no such route")]
+    NotFound,
+    #[error("only GET is supported")]
+    MethodNotAllowed,
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    #[error("the agent must be called through one of its bound addresses")]
+    HostNotAllowed,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl ApiError {
+    /// Status, error code and optional `Retry-After` for this error.
+    fn classify(&self) -> (StatusCode, String, Option<&'static str>) {
+        use StatusCode as S;
+        match self {
+            ApiError::NotFound => (S::NOT_FOUND, "NotFound".into(), None),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "MethodNotAllowed".into(), None),
+            ApiError::BadRequest(code, _) => (S::BAD_REQUEST, (*code).into(), None),
+            ApiError::HostNotAllowed => (S::FORBIDDEN, "HostNotAllowed".into(), None),
+            ApiError::Token(e) => {
+                let status = match e {
+                    TokenError::Missing | TokenError::Malformed(_) => S::BAD_REQUEST,
+                    TokenError::Algorithm(_)
+                    | TokenError::UnknownKey
+                    | TokenError::Signature
+                    | TokenError::Expired
+                    | TokenError::NotYetValid => S::UNAUTHORIZED,
+                    TokenError::Audience | TokenError::Issuer | TokenError::Claims(_) => {
+                        S::FORBIDDEN
+                    }
+                    TokenError::KeysUnavailable(_) => {
+                        return (
+                            S::SERVICE_UNAVAILABLE,
+                            e.code().into(),
+                            Some(RETRY_AFTER_SECS),
+                        )
+                    }
+                };
+                (status, e.code().into(), None)
+            }
+            ApiError::Cache(CacheError::Upstream(e)) => {
+                let status = match e.kind {
+                    FailureKind::Throttled => {
+                        return (S::TOO_MANY_REQUESTS, e.code.clone(), Some(RETRY_AFTER_SECS))
+                    }
+                    // Pass the upstream's own 4xx through (404 for a missing association),
+                    // but never let it pose as our rate limit.
+                    FailureKind::Rejected { status }
+                        if (400..500).contains(&status) && status != 429 =>
+                    {
+                        S::from_u16(status).unwrap_or(S::BAD_REQUEST)
+                    }
+                    FailureKind::Rejected { .. } => S::BAD_REQUEST,
+                    FailureKind::Server { status: 503 } | FailureKind::Unreachable => {
+                        S::SERVICE_UNAVAILABLE
+                    }
+                    FailureKind::Server { .. } | FailureKind::InvalidResponse => S::BAD_GATEWAY,
+                    FailureKind::Timeout => S::GATEWAY_TIMEOUT,
+                    FailureKind::Internal => S::INTERNAL_SERVER_ERROR,
+                };
+                (status, e.code.clone(), None)
+            }
+            ApiError::Cache(CacheError::Timeout) => {
+                (S::GATEWAY_TIMEOUT, "UpstreamTimeout".into(), None)
+            }
+            ApiError::Cache(CacheError::Internal) => {
+                (S::INTERNAL_SERVER_ERROR, "InternalError".into(), None)
+            }
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, code, retry_after) = self.classify();
+        let message = match &self {
+            ApiError::Cache(CacheError::Upstream(e)) if e.message.is_empty() => {
+                format!("upstream error {}", e.code)
+            }
+            ApiError::Cache(CacheError::Upstream(e)) => e.message.clone(),
+            other => other.to_string(),
+        };
+        let mut resp = json_response(
+            status,
+            &ErrorBody {
+                code: &code,
+                message: &message,
+            },
+        );
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        resp
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CredentialsBody<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    account_id: &'a str,
+    expiration: String,
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    // Serialising these plain structs of strings cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Encode credentials as the SDKs expect: `Expiration` in RFC 3339 UTC with `Z`, which the
+/// Rust and JS SDKs require.
+pub fn credentials_response(creds: &Credentials) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        &CredentialsBody {
+            access_key_id: &creds.access_key_id,
+            secret_access_key: creds.secret_access_key.expose(),
+            token: creds.session_token.expose(),
+            account_id: &creds.account_id,
+            expiration: humantime::format_rfc3339_seconds(creds.expiration).to_string(),
+        },
+    )
+}
+
+/// Handle one request on the credentials port.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let route = if req.uri().path() == CREDENTIALS_PATH {
+        "credentials"
+    } else {
+        "other"
+    };
+    let response = match credentials(&state, &req).await {
+        Ok(creds) => credentials_response(&creds),
+        Err(err) => {
+            let (status, code, _) = err.classify();
+            if let ApiError::Token(e) = &err {
+                state.metrics.token_rejected(e.code());
+            }
+            if status.is_server_error() {
+                tracing::warn!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request failed");
+            } else {
+                tracing::info!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request refused");
+            }
+            err.into_response()
+        }
+    };
+    state.metrics.request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn credentials(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Arc<Credentials>, ApiError> {
+    // No normalisation: `/v1/credentials/`, `//v1/credentials` and percent-encodings are 404.
+    if req.uri().path() != CREDENTIALS_PATH {
+        return Err(ApiError::NotFound);
+    }
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    if req.uri().authority().is_some() {
+        return Err(ApiError::BadRequest(
+            "BadRequestTarget",
+            "absolute-form request targets are not accepted".into(),
+        ));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h.to_str().map_err(|_| ApiError::HostNotAllowed)?,
+        (None, _) if req.version() == Version::HTTP_10 => {
+            return Err(ApiError::BadRequest(
+                "MissingHost",
+                "HTTP/1.0 requests must carry a Host header".into(),
+            ))
+        }
+        (None, _) => {
+            return Err(ApiError::BadRequest(
+                "MissingHost",
+                "the request has no Host header".into(),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "DuplicateHost",
+                "the request has more than one Host header".into(),
+            ))
+        }
+    };
+    if !state.hosts.allows(host) {
+        return Err(ApiError::HostNotAllowed);
+    }
+    let mut auth = req.headers().get_all(header::AUTHORIZATION).iter();
+    let token = match (auth.next(), auth.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .map_err(|_| TokenError::Malformed("token has non-ASCII bytes".into()))?,
+        (None, _) => return Err(TokenError::Missing.into()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "DuplicateAuthorization",
+                "the request has more than one Authorization header".into(),
+            ))
+        }
+    };
+    let identity = state.verifier.verify(token).await?;
+    Ok(state.cache.get(&identity).await?)
+}
+
+/// Bind every address; an address that cannot be bound (say, IPv6 on a node without it) is
+/// logged and skipped, as long as one binds.
+pub async fn bind_all(addrs: &[SocketAddr], listener_name: &'static str) -> Vec<TcpListener> {
+    let mut bound = Vec::new();
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(l) => bound.push(l),
+            Err(e) => {
+                tracing::warn!(listener = listener_name, address = %addr, error = %e, "could not bind; skipping this address")
+            }
+        }
+    }
+    bound
+}
+
+/// Serve HTTP/1.1 on `listener` until `shutdown` flips to true, then drain in-flight requests
+/// for at most [`DRAIN_TIMEOUT`].
+pub async fn serve<H, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let watched = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within the drain timeout");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_allow_list_accepts_bound_literals_only() {
+        let list = HostAllowList::new(vec![
+            "169.254.170.23:80".parse().unwrap(),
+            "[fd00:ec2::23]:80".parse().unwrap(),
+        ]);
+        for ok in [
+            "169.254.170.23",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:80",
+            "[FD00:EC2::23]",
+            "[fd00:ec2:0::23]:80",
+        ] {
+            assert!(list.allows(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "localhost:80",
+            "169.254.170.23:81",
+            "169.254.170.23:",
+            "169.254.170.23:+80",
+            "169.254.170.023",
+            "169.254.170.2",
+            "fd00:ec2::23",
+            "[fd00:ec2::23",
+            "[fd00:ec2::23]x",
+            "[::ffff:169.254.170.23]",
+            "evil.example",
+            "",
+            "169.254.170.23:80:80",
+            "[fd00:ec2::23]:99999",
+        ] {
+            assert!(!list.allows(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_the_contract_statuses() {
+        use crate::upstream::UpstreamError;
+        let up = |kind, code: &str| {
+            ApiError::Cache(CacheError::Upstream(UpstreamError::new(kind, code, "m")))
+        };
+        let cases: Vec<(ApiError, u16)> = vec![
+            (ApiError::Token(TokenError::Missing), 400),
+            (ApiError::Token(TokenError::Malformed("x".into())), 400),
+            (ApiError::Token(TokenError::Signature), 401),
+            (ApiError::Token(TokenError::Expired), 401),
+            (ApiError::Token(TokenError::Audience), 403),
+            (ApiError::Token(TokenError::Claims("x".into())), 403),
+            (ApiError::HostNotAllowed, 403),
+            (ApiError::NotFound, 404),
+            (ApiError::MethodNotAllowed, 405),
+            (up(FailureKind::Throttled, "ThrottlingException"), 429),
+            (
+                up(
+                    FailureKind::Rejected { status: 404 },
+                    "ResourceNotFoundException",
+                ),
+                404,
+            ),
+            (
+                up(
+                    FailureKind::Rejected { status: 400 },
+                    "AccessDeniedException",
+                ),
+                400,
+            ),
+            (up(FailureKind::Rejected { status: 429 }, "Odd"), 400),
+            (
+                up(
+                    FailureKind::Server { status: 500 },
+                    "InternalServerException",
+                ),
+                502,
+            ),
+            (
+                up(
+                    FailureKind::Server { status: 503 },
+                    "ServiceUnavailableException",
+                ),
+                503,
+            ),
+            (up(FailureKind::Timeout, "UpstreamTimeout"), 504),
+            (up(FailureKind::Unreachable, "UpstreamUnreachable"), 503),
+        ];
+        for (err, status) in cases {
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                resp.headers().contains_key(header::RETRY_AFTER),
+                status == 429
+            );
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Thin entry point: parse flags, set up logging, run, map failures to exit codes.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use pod_identity_agent::config::{Cli, Command, EXIT_USAGE};
+use pod_identity_agent::{logging, shutdown, Agent};
+
+/// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(9500);
+/// A node agent should not take every core of a busy node.
+const MAX_WORKER_THREADS: usize = 4;
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("pod-identity-agent: {message}");
+    exit(EXIT_USAGE)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line names the flag; the rest is usage noise.
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            return usage_error(first.trim_start_matches("error: "));
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(MAX_WORKER_THREADS);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pod-identity-agent: cannot start the async runtime: {e}");
+            return exit(1);
+        }
+    };
+    match cli.command {
+        Command::Server(args) => {
+            if let Err(e) = logging::init(&args.log) {
+                return usage_error(e);
+            }
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => return usage_error(e),
+            };
+            runtime.block_on(async move {
+                let agent = match Agent::start(config).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("pod-identity-agent: {e}");
+                        return exit(e.exit_code());
+                    }
+                };
+                match shutdown::wait_for_signal().await {
+                    Ok(signal) => {
+                        tracing::info!(signal, "shutting down: draining in-flight requests")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install signal handlers");
+                        return exit(1);
+                    }
+                }
+                agent.shutdown(SHUTDOWN_LIMIT).await;
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Dev(args) => {
+            if let Err(e) = logging::init(&args.log) {
+                return usage_error(e);
+            }
+            match runtime.block_on(pod_identity_agent::dev::run(args.port)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pod-identity-agent dev: {e}");
+                    exit(1)
+                }
+            }
+        }
+        Command::Initialize(_) => usage_error("initialize: not supported yet"),
+    }
+}

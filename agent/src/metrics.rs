@@ -1,0 +1,215 @@
+//! Every metric family the agent exports, registered in one place.
+//!
+//! Labels take values from small fixed sets (route, status class, outcome, reason); nothing
+//! derived from a pod, a token or an upstream message becomes a label, so the series count is
+//! bounded whatever pods do.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub const PREFIX: &str = "pod_identity_agent";
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~6.5 s: cache hits sit at the bottom, upstream calls and timeouts at the top.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+/// Handle to the metric families; cheap to clone (every field is shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    requests: Family<Labels2, Counter>,
+    request_duration: Family<Labels1, Histogram>,
+    upstream_calls: Family<Labels1, Counter>,
+    upstream_duration: Histogram,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_coalesced: Counter,
+    pub cache_entries: Gauge,
+    token_rejections: Family<Labels1, Counter>,
+    key_reloads: Family<Labels2, Counter>,
+    pub keys_loaded: Gauge,
+    pub verification_enabled: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let requests = Family::<Labels2, Counter>::default();
+        registry.register(
+            "requests",
+            "Credential-port requests by route and status class",
+            requests.clone(),
+        );
+        let request_duration = Family::<Labels1, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Credential-port request latency by route",
+            request_duration.clone(),
+        );
+        let upstream_calls = Family::<Labels1, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Upstream credential calls by outcome",
+            upstream_calls.clone(),
+        );
+        let upstream_duration = latency_histogram();
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream credential call latency",
+            upstream_duration.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Requests answered from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Requests that started an upstream fetch",
+            cache_misses.clone(),
+        );
+        let cache_coalesced = Counter::default();
+        registry.register(
+            "cache_coalesced",
+            "Requests that joined a fetch already in flight",
+            cache_coalesced.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Entries in the credential cache",
+            cache_entries.clone(),
+        );
+        let token_rejections = Family::<Labels1, Counter>::default();
+        registry.register(
+            "token_rejections",
+            "Tokens refused before any upstream call, by reason",
+            token_rejections.clone(),
+        );
+        let key_reloads = Family::<Labels2, Counter>::default();
+        registry.register(
+            "key_reloads",
+            "Verification key set loads by outcome and reason",
+            key_reloads.clone(),
+        );
+        let keys_loaded = Gauge::default();
+        registry.register(
+            "keys_loaded",
+            "Keys in the current verification key set",
+            keys_loaded.clone(),
+        );
+        let verification_enabled = Gauge::default();
+        registry.register(
+            "verification_enabled",
+            "1 when pod tokens are verified locally, 0 when they go upstream unverified",
+            verification_enabled.clone(),
+        );
+        let build_info = Family::<Labels1, Gauge>::default();
+        registry.register("build_info", "Agent version", build_info.clone());
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        Metrics {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            upstream_calls,
+            upstream_duration,
+            cache_hits,
+            cache_misses,
+            cache_coalesced,
+            cache_entries,
+            token_rejections,
+            key_reloads,
+            keys_loaded,
+            verification_enabled,
+        }
+    }
+
+    pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&[("route", route), ("status_class", class)])
+            .inc();
+        self.request_duration
+            .get_or_create(&[("route", route)])
+            .observe(seconds);
+    }
+
+    pub fn upstream_call(&self, outcome: &'static str, seconds: f64) {
+        self.upstream_calls
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        self.upstream_duration.observe(seconds);
+    }
+
+    pub fn token_rejected(&self, reason: &'static str) {
+        self.token_rejections
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn key_reload(&self, outcome: &'static str, reason: &'static str) {
+        self.key_reloads
+            .get_or_create(&[("outcome", outcome), ("reason", reason)])
+            .inc();
+    }
+
+    /// Prometheus text exposition (OpenMetrics flavour, as prometheus-client writes it).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_prefixed_families() {
+        let m = Metrics::new();
+        m.request("credentials", 200, 0.001);
+        m.upstream_call("success", 0.05);
+        m.cache_hits.inc();
+        m.verification_enabled.set(1);
+        let text = m.encode();
+        for needle in [
+            "pod_identity_agent_requests_total{route=\"credentials\",status_class=\"2xx\"} 1",
+            "pod_identity_agent_upstream_calls_total{outcome=\"success\"} 1",
+            "pod_identity_agent_cache_hits_total 1",
+            "pod_identity_agent_verification_enabled 1",
+            "pod_identity_agent_request_duration_seconds_bucket",
+            "pod_identity_agent_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Black-box tests of the built agent binary (harness to come).
