@@ -316,7 +316,7 @@ impl CredentialCache {
                 Ok(Arc::new(creds))
             }
             Err(e) => {
-                tracing::warn!(key = %described, code = %e.code, kind = e.kind.label(), message = %e.message,
+                tracing::warn!(key = %described, code = %e.code, kind = e.kind.label(), upstream_message = %e.message,
                     elapsed_ms = elapsed.as_millis() as u64, "upstream call failed");
                 Err(e)
             }

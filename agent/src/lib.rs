@@ -72,6 +72,13 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
+        // Configuration the upstream needs (the region) is checked before anything else runs.
+        let backend = EksAuth::new(&config)
+            .await
+            .map_err(|e| StartError::Config {
+                flag: e.flag,
+                message: e.message,
+            })?;
         let keys = match &config.key_source {
             Some(source) => {
                 let store = KeyStore::new(source.clone(), metrics.clone()).map_err(|e| {
@@ -94,12 +101,6 @@ impl Agent {
         };
         metrics.verification_enabled.set(i64::from(keys.is_some()));
 
-        let backend = EksAuth::new(&config)
-            .await
-            .map_err(|e| StartError::Config {
-                flag: e.flag,
-                message: e.message,
-            })?;
         let cache = CredentialCache::new(
             Arc::new(backend),
             config.cache_scope,

@@ -1,0 +1,639 @@
+//! Launches the real `pod-identity-agent` binary and talks to it.
+//!
+//! The agent is started on ephemeral ports (`--port 0` etc.) and announces
+//! each bound listener with a JSON log line
+//! (`"message":"listening","listener":"credentials","address":"127.0.0.1:41234"`),
+//! which is how the harness learns its ports. Every line the agent writes is
+//! kept, so tests can assert on logs and a failing test prints them.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::http::{self, RawRequest, RawResponse};
+
+/// Cluster name the agent is started with; the fake echoes it into role ARNs.
+pub const CLUSTER_NAME: &str = "test-cluster";
+pub const REGION: &str = "us-west-2";
+/// Environment variable naming the agent binary, overriding the default
+/// `target/debug/pod-identity-agent`.
+pub const AGENT_BIN_ENV: &str = "POD_IDENTITY_AGENT_BIN";
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+
+/// Bound on start-up (all listeners announced, then `/readyz` 200): a debug
+/// build on a loaded two-core machine can take seconds to start.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Which of the agent's listeners a log line announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Credentials,
+    Probe,
+    Metrics,
+}
+
+impl Listener {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "credentials" => Some(Self::Credentials),
+            "probe" => Some(Self::Probe),
+            "metrics" => Some(Self::Metrics),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub stream: Stream,
+    pub text: String,
+}
+
+type Output = Arc<Mutex<Vec<LogLine>>>;
+
+/// Path to the agent binary: `$POD_IDENTITY_AGENT_BIN`, else
+/// `pod-identity-agent` next to the test's own target directory.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
+        return PathBuf::from(path);
+    }
+    let bin = target_binary("pod-identity-agent");
+    assert_fresh(&bin);
+    bin
+}
+
+/// `cargo test` does not rebuild another package's binary: refuse to test a stale one.
+fn assert_fresh(bin: &std::path::Path) {
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `cargo build -p pod-identity-agent` (or ./scripts/test)",
+                bin.display()
+            )
+        });
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+    let mut stack = vec![src];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+            {
+                panic!(
+                    "{} is older than {}; run `cargo build -p pod-identity-agent` (or ./scripts/test)",
+                    bin.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// A binary built into the same `target/<profile>/` as the running test
+/// (whose own executable is `target/<profile>/deps/<name>-<hash>`).
+pub fn target_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let deps = exe.parent().expect("test executable has a directory");
+    let profile_dir = if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent")
+    } else {
+        deps
+    };
+    profile_dir.join(name)
+}
+
+/// Configures and starts an [`Agent`].
+#[derive(Clone, Debug)]
+pub struct AgentBuilder {
+    endpoint: String,
+    bind_hosts: String,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    wait_ready: bool,
+}
+
+impl AgentBuilder {
+    /// An agent whose EKS Auth endpoint is `endpoint` (a fake's URL).
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            bind_hosts: "127.0.0.1".to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+            wait_ready: true,
+        }
+    }
+
+    /// Replace the default `--bind-hosts 127.0.0.1`.
+    pub fn bind_hosts(mut self, hosts: impl Into<String>) -> Self {
+        self.bind_hosts = hosts.into();
+        self
+    }
+
+    /// Append a server flag (after the defaults).
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Set an environment variable for the agent process (its environment is
+    /// otherwise cleared, see [`AgentBuilder::start`]).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Whether `start` also waits for `/readyz` to answer 200 (default: yes).
+    pub fn wait_ready(mut self, wait: bool) -> Self {
+        self.wait_ready = wait;
+        self
+    }
+
+    /// The full argument list the agent will be started with.
+    pub fn command_line(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "server",
+            "--cluster-name",
+            CLUSTER_NAME,
+            "--port",
+            "0",
+            "--bind-hosts",
+            &self.bind_hosts,
+            "--probe-port",
+            "0",
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--endpoint",
+            &self.endpoint,
+            "--region",
+            REGION,
+            "--log-format",
+            "json",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        args.extend(self.args.iter().cloned());
+        args
+    }
+
+    /// Spawn the agent and wait (bounded) until it has announced its
+    /// credentials, probe and metrics listeners and, unless disabled, answers
+    /// `/readyz` with 200. Panics with the agent's output if it does not.
+    ///
+    /// The environment is cleared so nothing from the developer's shell (AWS
+    /// profiles, `AWS_REGION`, flags' `env` fallbacks) leaks in; the agent gets
+    /// static dummy credentials to sign with, and no config files or IMDS.
+    pub async fn start(self) -> Agent {
+        let bin = agent_binary();
+        assert!(
+            bin.is_file(),
+            "agent binary not found at {}: build it with `cargo build -p pod-identity-agent` \
+             (scripts/test does this) or set {AGENT_BIN_ENV}",
+            bin.display()
+        );
+        let args = self.command_line();
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
+            .env_clear()
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in ["PATH", "RUST_LOG"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+
+        let output: Output = Arc::default();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        capture(stdout, Stream::Stdout, output.clone());
+        capture(stderr, Stream::Stderr, output.clone());
+
+        let mut agent = Agent {
+            child,
+            exit: None,
+            output,
+            args,
+            credentials: Vec::new(),
+            probe: None,
+            metrics: None,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        agent.wait_for_listeners(deadline).await;
+        if self.wait_ready {
+            agent.wait_for_ready(deadline).await;
+        }
+        agent
+    }
+}
+
+/// A running agent process; killed when dropped.
+pub struct Agent {
+    child: Child,
+    exit: Option<ExitStatus>,
+    output: Output,
+    args: Vec<OsString>,
+    credentials: Vec<SocketAddr>,
+    probe: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+impl Agent {
+    pub fn builder(endpoint: impl Into<String>) -> AgentBuilder {
+        AgentBuilder::new(endpoint)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first credentials listener (the one for `127.0.0.1` by default).
+    pub fn credentials_addr(&self) -> SocketAddr {
+        self.credentials[0]
+    }
+
+    /// Every credentials listener announced so far.
+    pub fn credentials_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.credentials.clone();
+        for (listener, addr) in parse_listeners(&self.logs()) {
+            if listener == Listener::Credentials && !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        addrs
+    }
+
+    pub fn probe_addr(&self) -> SocketAddr {
+        self.probe.expect("probe listener announced at start")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.expect("metrics listener announced at start")
+    }
+
+    /// `http://127.0.0.1:<port>/v1/credentials`, the value for
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+    pub fn credentials_url(&self) -> String {
+        format!("http://{}{CREDENTIALS_PATH}", self.credentials_addr())
+    }
+
+    /// The `Host` value a well-behaved client sends: `127.0.0.1:<port>`.
+    pub fn credentials_host(&self) -> String {
+        self.credentials_addr().to_string()
+    }
+
+    /// Send `method path` to the credentials listener with `headers`. A `Host`
+    /// naming the listener and `Connection: close` are added unless given.
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<RawResponse> {
+        send_to(self.credentials_addr(), method, path, headers).await
+    }
+
+    /// [`Agent::try_request`] with `GET`, panicking (with the agent's logs) on
+    /// a transport error.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+        self.request("GET", path, headers).await
+    }
+
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+        match self.try_request(method, path, headers).await {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{method} {path} to the agent failed: {e}\n{}",
+                self.logs_text()
+            ),
+        }
+    }
+
+    /// `GET /v1/credentials` with `Authorization: <token>`.
+    pub async fn fetch_credentials(&self, token: &str) -> RawResponse {
+        self.get(CREDENTIALS_PATH, &[("Authorization", token)])
+            .await
+    }
+
+    /// `GET path` on the probe listener.
+    pub async fn probe(&self, path: &str) -> RawResponse {
+        let addr = self.probe_addr();
+        send_to(addr, "GET", path, &[])
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} on probe listener: {e}\n{}", self.logs_text()))
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let addr = self.metrics_addr();
+        let r = send_to(addr, "GET", "/metrics", &[])
+            .await
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", self.logs_text()));
+        assert_eq!(r.status, 200, "GET /metrics: {r:?}");
+        r.text()
+    }
+
+    /// Send SIGTERM.
+    pub fn sigterm(&self) {
+        self.signal(Signal::SIGTERM);
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in i32"));
+        kill(pid, signal).unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
+    }
+
+    /// Has the process exited? (Reaps it if so.)
+    pub fn has_exited(&mut self) -> bool {
+        self.poll_exit().is_some()
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("try_wait on agent");
+        }
+        self.exit
+    }
+
+    /// Wait up to `timeout` for the process to exit; `None` if still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.poll_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Every line written so far to stdout and stderr, in arrival order.
+    pub fn logs(&self) -> Vec<String> {
+        self.log_lines().into_iter().map(|l| l.text).collect()
+    }
+
+    pub fn log_lines(&self) -> Vec<LogLine> {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The lines that parse as JSON objects.
+    pub fn log_records(&self) -> Vec<Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
+    }
+
+    /// Command line and output, for failure messages.
+    pub fn logs_text(&self) -> String {
+        let mut out = format!(
+            "--- agent: {} {} ---\n",
+            agent_binary().display(),
+            self.args
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for line in self.log_lines() {
+            let tag = match line.stream {
+                Stream::Stdout => "out",
+                Stream::Stderr => "err",
+            };
+            out.push_str(tag);
+            out.push_str("| ");
+            out.push_str(&line.text);
+            out.push('\n');
+        }
+        out.push_str("--- end of agent output ---");
+        out
+    }
+
+    /// Print the agent's output to stderr (shown by the test runner on failure).
+    pub fn dump_logs(&self) {
+        eprintln!("{}", self.logs_text());
+    }
+
+    async fn wait_for_listeners(&mut self, deadline: Instant) {
+        loop {
+            for (listener, addr) in parse_listeners(&self.logs()) {
+                match listener {
+                    Listener::Credentials if !self.credentials.contains(&addr) => {
+                        self.credentials.push(addr)
+                    }
+                    Listener::Probe => self.probe = self.probe.or(Some(addr)),
+                    Listener::Metrics => self.metrics = self.metrics.or(Some(addr)),
+                    Listener::Credentials => {}
+                }
+            }
+            if !self.credentials.is_empty() && self.probe.is_some() && self.metrics.is_some() {
+                return;
+            }
+            if let Some(status) = self.poll_exit() {
+                panic!(
+                    "agent exited ({status}) before announcing its listeners\n{}",
+                    self.logs_text()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "agent did not announce credentials, probe and metrics listeners \
+                     (a JSON line with \"message\":\"listening\", \"listener\" and \"address\") \
+                     within {STARTUP_TIMEOUT:?}; seen: credentials={:?} probe={:?} metrics={:?}\n{}",
+                    self.credentials,
+                    self.probe,
+                    self.metrics,
+                    self.logs_text()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    async fn wait_for_ready(&mut self, deadline: Instant) {
+        let addr = self.probe_addr();
+        loop {
+            let last = match send_to(addr, "GET", "/readyz", &[]).await {
+                Ok(r) if r.status == 200 => return,
+                Ok(r) => format!("{r:?}"),
+                Err(e) => e.to_string(),
+            };
+            if let Some(status) = self.poll_exit() {
+                panic!("agent exited ({status}) before ready\n{}", self.logs_text());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "agent not ready (/readyz != 200) within {STARTUP_TIMEOUT:?}; last: {last}\n{}",
+                    self.logs_text()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL * 5).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        if self.poll_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request on a fresh connection, with default `Host` and
+/// `Connection: close` unless `headers` has them.
+pub async fn send_to(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<RawResponse> {
+    let mut req = RawRequest::new(method, path);
+    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    if !has("host") {
+        req = req.header("Host", addr.to_string());
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if !has("connection") {
+        req = req.header("Connection", "close");
+    }
+    http::send(addr, &req).await
+}
+
+fn capture(pipe: impl Read + Send + 'static, stream: Stream, output: Output) {
+    std::thread::spawn(move || {
+        let reader = BufReader::new(pipe);
+        for line in reader.split(b'\n') {
+            let Ok(bytes) = line else { break };
+            let text = String::from_utf8_lossy(&bytes)
+                .trim_end_matches('\r')
+                .to_owned();
+            output
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(LogLine { stream, text });
+        }
+    });
+}
+
+/// A field of a JSON log record: at the top level (the contract: fields are
+/// flattened) or, leniently, under `fields` as tracing's default JSON nests them.
+pub fn log_field<'a>(record: &'a Value, name: &str) -> Option<&'a Value> {
+    record
+        .get(name)
+        .or_else(|| record.get("fields").and_then(|f| f.get(name)))
+}
+
+/// `(listener, address)` for every "listening" line in `lines`.
+pub fn parse_listeners(lines: &[String]) -> Vec<(Listener, SocketAddr)> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let record: Value = serde_json::from_str(line).ok()?;
+            if log_field(&record, "message")?.as_str()? != "listening" {
+                return None;
+            }
+            let listener = Listener::parse(log_field(&record, "listener")?.as_str()?)?;
+            let address = log_field(&record, "address")?.as_str()?.parse().ok()?;
+            Some((listener, address))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_lines_are_parsed() {
+        let lines = vec![
+            r#"{"timestamp":"x","level":"INFO","message":"listening","listener":"credentials","address":"127.0.0.1:41234"}"#.to_owned(),
+            r#"{"message":"listening","listener":"credentials","address":"[::1]:41235"}"#.to_owned(),
+            r#"{"fields":{"message":"listening","listener":"probe","address":"127.0.0.1:1"}}"#.to_owned(),
+            r#"{"message":"started"}"#.to_owned(),
+            "not json".to_owned(),
+        ];
+        let parsed = parse_listeners(&lines);
+        assert_eq!(
+            parsed,
+            vec![
+                (Listener::Credentials, "127.0.0.1:41234".parse().unwrap()),
+                (Listener::Credentials, "[::1]:41235".parse().unwrap()),
+                (Listener::Probe, "127.0.0.1:1".parse().unwrap()),
+            ]
+        );
+    }
+
+    #[test]
+    fn default_command_line() {
+        let args = AgentBuilder::new("http://127.0.0.1:9")
+            .arg("--cache-scope")
+            .arg("association")
+            .command_line();
+        let args: Vec<_> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args[0], "server");
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--endpoint", "http://127.0.0.1:9"]));
+        assert_eq!(&args[args.len() - 2..], ["--cache-scope", "association"]);
+    }
+}

@@ -1,0 +1,178 @@
+//! Checks shared by the test files, each failing with the whole response so a
+//! failure explains itself.
+
+use crate::fakes::eks_auth::{FakeEksAuth, IssuedCredentials, ACCOUNT_ID};
+use crate::http::RawResponse;
+
+/// A 200 carrying exactly `issued`, in the contract's shape:
+/// `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` with
+/// `Expiration` in RFC 3339 UTC (`Z`), `Content-Type: application/json` and
+/// `Cache-Control: no-store`.
+pub fn assert_credentials(response: &RawResponse, issued: &IssuedCredentials) {
+    assert_eq!(response.status, 200, "expected credentials: {response:?}");
+    let content_type = response.header("content-type").unwrap_or_default();
+    assert!(
+        content_type
+            .to_ascii_lowercase()
+            .starts_with("application/json"),
+        "Content-Type must be application/json: {response:?}"
+    );
+    let cache_control = response.header("cache-control").unwrap_or_default();
+    assert!(
+        cache_control.to_ascii_lowercase().contains("no-store"),
+        "Cache-Control must be no-store: {response:?}"
+    );
+    let body = response.json();
+    let field = |name: &str| -> &str {
+        body.get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("{name} missing or not a string: {response:?}"))
+    };
+    assert_eq!(field("AccessKeyId"), issued.access_key_id, "{response:?}");
+    assert_eq!(field("SecretAccessKey"), issued.secret_access_key);
+    assert_eq!(field("Token"), issued.session_token);
+    assert_eq!(field("AccountId"), ACCOUNT_ID, "{response:?}");
+    let expiration = field("Expiration");
+    let parsed = parse_rfc3339_utc(expiration).unwrap_or_else(|| {
+        panic!("Expiration {expiration:?} is not RFC 3339 UTC ending in Z: {response:?}")
+    });
+    assert_eq!(
+        parsed, issued.expiration as i64,
+        "Expiration {expiration} differs from the upstream expiration {}",
+        issued.expiration
+    );
+}
+
+/// The only credentials the fake issued so far (there must be exactly one).
+pub fn only_issued(upstream: &FakeEksAuth) -> IssuedCredentials {
+    let issued = upstream.issued();
+    assert_eq!(
+        issued.len(),
+        1,
+        "expected exactly one issuance, got {issued:#?}"
+    );
+    issued.into_iter().next().expect("one issuance")
+}
+
+/// An error in the contract's shape, `{"code": "...", "message": "..."}`;
+/// returns the code.
+pub fn assert_error_body(response: &RawResponse) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {response:?}"));
+    let code = body
+        .get("code")
+        .and_then(|v| v.as_str())
+        .unwrap_or_else(|| panic!("error body has no string \"code\": {response:?}"));
+    assert!(
+        body.get("message").is_some_and(|v| v.is_string()),
+        "error body has no string \"message\": {response:?}"
+    );
+    code.to_owned()
+}
+
+/// A token rejection: 400, 401 or 403 (never 429, which would make SDKs
+/// retry a token that can never succeed), with a JSON error body.
+pub fn assert_token_rejected(response: &RawResponse, what: &str) {
+    assert!(
+        matches!(response.status, 400 | 401 | 403),
+        "{what}: expected 400/401/403, got {response:?}"
+    );
+    assert_error_body(response);
+}
+
+/// Seconds since the epoch for `YYYY-MM-DDTHH:MM:SS[.fraction]Z`; `None` for
+/// anything else (offsets included: the Rust and JS SDKs reject them).
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || *b.last()? != b'Z' {
+        return None;
+    }
+    let digits = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let rest = s.get(19..s.len() - 1)?;
+    let fraction_ok = match rest.strip_prefix('.') {
+        None => rest.is_empty(),
+        Some(digits) => !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()),
+    };
+    if !fraction_ok {
+        return None;
+    }
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch.
+pub fn format_rfc3339_utc(epoch: i64) -> String {
+    let days = epoch.div_euclid(86_400);
+    let secs = epoch.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+// Howard Hinnant's days-from-civil algorithms (proleptic Gregorian calendar).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trip() {
+        assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_utc("2026-05-01T18:00:00Z"),
+            Some(1_777_658_400)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2026-05-01T18:00:00.000Z"),
+            Some(1_777_658_400)
+        );
+        assert_eq!(parse_rfc3339_utc("2026-05-01T18:00:00+00:00"), None);
+        assert_eq!(parse_rfc3339_utc("2026-05-01 18:00:00Z"), None);
+        assert_eq!(format_rfc3339_utc(1_777_658_400), "2026-05-01T18:00:00Z");
+        for t in [0, 951_782_400, 1_709_164_800, 4_102_444_799] {
+            assert_eq!(parse_rfc3339_utc(&format_rfc3339_utc(t)), Some(t));
+        }
+    }
+}

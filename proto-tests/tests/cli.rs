@@ -1,0 +1,87 @@
+//! Invalid configuration exits 64 with one line naming the flag, before anything is bound.
+
+use std::process::Command;
+
+use proto_tests::agent::agent_binary;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(agent_binary())
+        .args(args)
+        .env_clear()
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run the agent binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_64_naming_the_flag() {
+    let base = [
+        "server",
+        "--bind-hosts",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--probe-port",
+        "0",
+        "--metrics-port",
+        "0",
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "http"], "--port"),
+        (
+            &["--cluster-name", "c", "--cache-scope", "node"],
+            "--cache-scope",
+        ),
+        (
+            &[
+                "--cluster-name",
+                "c",
+                "--max-credential-retention-before-renewal",
+                "soon",
+            ],
+            "--max-credential-retention-before-renewal",
+        ),
+        (
+            &["--cluster-name", "c", "--bind-hosts", "localhost"],
+            "--bind-hosts",
+        ),
+        (&[], "--cluster-name"),
+        (
+            &["--cluster-name", "c", "--endpoint", "not a url"],
+            "--endpoint",
+        ),
+        (&["--cluster-name", "c", "--backend", "sts"], "--backend"),
+        (
+            &["--cluster-name", "c", "--log-level", "info,=[="],
+            "--log-level",
+        ),
+        (&["--cluster-name", "c", "--no-such-flag"], "--no-such-flag"),
+        // No region anywhere (no flag, no env, IMDS disabled): named as --region.
+        (&["--cluster-name", "c"], "--region"),
+    ];
+    for (extra, flag) in cases {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line expected, got {stderr}");
+        assert!(lines[0].contains(flag), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    for args in [
+        &["--help"][..],
+        &["--version"][..],
+        &["server", "--help"][..],
+    ] {
+        let (code, _) = run(args);
+        assert_eq!(code, Some(0), "{args:?}");
+    }
+}

@@ -1,0 +1,172 @@
+//! The credentials endpoint: what a pod gets for a valid token, through the
+//! real SDKs and on the wire, and what it gets when EKS Auth fails.
+
+use std::time::{Duration, Instant};
+
+use proto_tests::agent::CLUSTER_NAME;
+use proto_tests::assertions::{assert_credentials, assert_error_body, only_issued};
+use proto_tests::clients::{fetch_credentials, Sdk};
+use proto_tests::fakes::eks_auth::ACCOUNT_ID;
+use proto_tests::{Fault, Pod, TestBed};
+
+/// The contract's deadline for a fresh request whose upstream call fails.
+const UPSTREAM_FAILURE_DEADLINE: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn valid_rs256_token_gets_the_issued_credentials() {
+    let bed = TestBed::start().await;
+    let pod = Pod::new("team-a", "app", "app-7d9f");
+    let token = bed.token(&pod);
+    let response = bed.agent.fetch_credentials(&token).await;
+    let issued = only_issued(&bed.upstream);
+    assert_credentials(&response, &issued);
+    assert_eq!(issued.pod_uid, pod.uid);
+
+    let calls = bed.upstream.call_log();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].cluster_name, CLUSTER_NAME);
+    assert_eq!(
+        calls[0].token.as_deref(),
+        Some(token.as_str()),
+        "the pod's token is forwarded verbatim"
+    );
+    assert!(calls[0].sigv4_signed, "EKS Auth requests are SigV4-signed");
+}
+
+#[tokio::test]
+async fn valid_es256_token_gets_the_issued_credentials() {
+    let bed = TestBed::start().await;
+    let pod = Pod::new("team-a", "app", "app-es");
+    let response = bed
+        .agent
+        .fetch_credentials(&pod.token().sign(&bed.keys.ec))
+        .await;
+    assert_credentials(&response, &only_issued(&bed.upstream));
+}
+
+async fn sdk_gets_issued_credentials(sdk: Sdk) {
+    let bed = TestBed::start().await;
+    let pod = Pod::new("team-a", "app", &format!("app-{sdk:?}").to_lowercase());
+    let token_file = bed.dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, bed.token(&pod)).expect("write token file");
+
+    let got = fetch_credentials(sdk, &bed.agent.credentials_url(), &token_file)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.agent.logs_text()));
+
+    let issued = only_issued(&bed.upstream);
+    assert_eq!(got.access_key, issued.access_key_id);
+    assert_eq!(got.secret_key, issued.secret_access_key);
+    assert_eq!(got.token.as_deref(), Some(issued.session_token.as_str()));
+    assert_eq!(issued.pod_uid, pod.uid);
+    if sdk != Sdk::JavaScript {
+        // fromHttp ignores AccountId; botocore and aws-config keep it.
+        assert_eq!(got.account_id.as_deref(), Some(ACCOUNT_ID));
+    }
+}
+
+#[tokio::test]
+async fn rust_sdk_ecs_provider_gets_issued_credentials() {
+    sdk_gets_issued_credentials(Sdk::Rust).await;
+}
+
+#[tokio::test]
+async fn botocore_gets_issued_credentials() {
+    sdk_gets_issued_credentials(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn js_v3_from_http_gets_issued_credentials() {
+    sdk_gets_issued_credentials(Sdk::JavaScript).await;
+}
+
+#[tokio::test]
+async fn upstream_throttling_is_429_with_retry_after_and_not_retried() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::throttling());
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
+        .await;
+    assert_eq!(response.status, 429, "{response:?}");
+    let retry_after = response
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("429 without Retry-After: {response:?}"));
+    assert!(
+        retry_after.trim().parse::<u64>().is_ok() || retry_after.ends_with("GMT"),
+        "Retry-After must be delay-seconds or an HTTP date: {retry_after:?}"
+    );
+    assert_error_body(&response);
+    assert_eq!(
+        bed.upstream.calls(),
+        1,
+        "a ThrottlingException is not retried inside the request (the SDK client retries)"
+    );
+}
+
+#[tokio::test]
+async fn upstream_resource_not_found_is_404_with_its_code() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::resource_not_found());
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
+        .await;
+    assert_eq!(response.status, 404, "{response:?}");
+    assert_eq!(assert_error_body(&response), "ResourceNotFoundException");
+}
+
+#[tokio::test]
+async fn upstream_access_denied_passes_its_code() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::access_denied());
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
+        .await;
+    assert!(
+        matches!(response.status, 400 | 403),
+        "expected 400 or 403: {response:?}"
+    );
+    assert_eq!(assert_error_body(&response), "AccessDeniedException");
+}
+
+#[tokio::test]
+async fn upstream_internal_error_is_502() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::internal());
+    let started = Instant::now();
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 502, "{response:?}");
+    assert_error_body(&response);
+    assert!(
+        elapsed < UPSTREAM_FAILURE_DEADLINE,
+        "answered after {elapsed:?}, contract deadline {UPSTREAM_FAILURE_DEADLINE:?}"
+    );
+}
+
+#[tokio::test]
+async fn hanging_upstream_fails_the_request_within_5s() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::Hang);
+    let started = Instant::now();
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
+        .await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(response.status, 502..=504),
+        "expected 502/503/504: {response:?}"
+    );
+    assert_error_body(&response);
+    assert!(
+        elapsed < UPSTREAM_FAILURE_DEADLINE,
+        "answered after {elapsed:?}, contract deadline {UPSTREAM_FAILURE_DEADLINE:?}"
+    );
+    assert!(bed.upstream.calls() >= 1, "the upstream was asked");
+}

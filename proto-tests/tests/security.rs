@@ -1,0 +1,486 @@
+//! Hostile input: forged tokens, spoofed Host headers, path tricks and
+//! malformed HTTP. Every rejected token must cost zero upstream calls, and the
+//! process must survive everything.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proto_tests::agent::CREDENTIALS_PATH;
+use proto_tests::assertions::{
+    assert_credentials, assert_error_body, assert_token_rejected, only_issued,
+};
+use proto_tests::http::{self, RawRequest};
+use proto_tests::keys::{jwks, write_jwks, DEFAULT_ISSUER};
+use proto_tests::{Agent, FakeEksAuth, FakeJwks, Pod, TestBed, TestKeys};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long key-source changes (JWKS re-fetch on unknown `kid`, file re-read)
+/// may take to become visible; the contract gives no number, so this only
+/// bounds the wait.
+const KEY_RELOAD_WAIT: Duration = Duration::from_secs(15);
+
+/// `token` is rejected with 400/401/403 and no upstream call; then a valid
+/// token for the same pod is accepted, proving the rejection was the
+/// forgery's doing and not a broken setup.
+async fn assert_forgery_rejected(bed: &TestBed, pod: &Pod, token: &str, what: &str) {
+    let response = bed.agent.fetch_credentials(token).await;
+    assert_token_rejected(&response, what);
+    assert_eq!(
+        bed.upstream.calls(),
+        0,
+        "{what}: a rejected token must not reach EKS Auth"
+    );
+    let control = bed.agent.fetch_credentials(&bed.token(pod)).await;
+    assert_credentials(&control, &only_issued(&bed.upstream));
+}
+
+fn pod() -> Pod {
+    Pod::new("team-a", "app", "app-1")
+}
+
+#[tokio::test]
+async fn token_signed_by_an_unknown_key_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    // Claims the trusted key's kid, signed by another key.
+    let token = pod
+        .token()
+        .kid(bed.keys.rsa.kid())
+        .sign(TestKeys::untrusted_rsa());
+    assert_forgery_rejected(&bed, &pod, &token, "wrong signing key").await;
+}
+
+#[tokio::test]
+async fn token_with_unknown_kid_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().sign(TestKeys::untrusted_rsa());
+    assert_forgery_rejected(&bed, &pod, &token, "unknown kid").await;
+}
+
+#[tokio::test]
+async fn unsigned_alg_none_token_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().sign_alg_none(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "alg none").await;
+}
+
+#[tokio::test]
+async fn hs256_keyed_with_the_rsa_public_key_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().sign_hs256_with_public_key(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "HS256 with the public key").await;
+}
+
+#[tokio::test]
+async fn expired_token_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().expired().sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "expired").await;
+}
+
+#[tokio::test]
+async fn not_yet_valid_token_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().not_yet_valid().sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "nbf in the future").await;
+}
+
+#[tokio::test]
+async fn token_for_another_audience_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod
+        .token()
+        .audience(["sts.amazonaws.com"])
+        .sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "wrong audience").await;
+}
+
+#[tokio::test]
+async fn token_from_another_issuer_is_rejected_when_issuer_is_set() {
+    let bed = TestBed::builder()
+        .args(["--issuer", DEFAULT_ISSUER])
+        .start()
+        .await;
+    let pod = pod();
+    let token = pod
+        .token()
+        .issuer("https://oidc.eks.us-west-2.amazonaws.com/id/SOMEOTHERCLUSTER")
+        .sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "wrong issuer").await;
+}
+
+#[tokio::test]
+async fn subject_disagreeing_with_kubernetes_claims_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod
+        .token()
+        .subject("system:serviceaccount:kube-system:admin")
+        .sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "sub mismatch").await;
+}
+
+#[tokio::test]
+async fn token_without_kubernetes_claims_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = pod.token().without_kubernetes_claims().sign(&bed.keys.rsa);
+    assert_forgery_rejected(&bed, &pod, &token, "missing kubernetes.io").await;
+}
+
+#[tokio::test]
+async fn bearer_prefixed_token_is_rejected() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = format!("Bearer {}", bed.token(&pod));
+    assert_forgery_rejected(&bed, &pod, &token, "Bearer prefix").await;
+}
+
+#[tokio::test]
+async fn missing_empty_or_garbage_authorization_is_400() {
+    let bed = TestBed::start().await;
+    let cases: [(&str, &[(&str, &str)]); 4] = [
+        ("missing", &[]),
+        ("empty", &[("Authorization", "")]),
+        ("garbage", &[("Authorization", "abc")]),
+        ("three garbage parts", &[("Authorization", "a.b.c")]),
+    ];
+    for (what, headers) in cases {
+        let response = bed.agent.get(CREDENTIALS_PATH, headers).await;
+        assert_eq!(response.status, 400, "{what} Authorization: {response:?}");
+        assert_error_body(&response);
+    }
+    assert_eq!(bed.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn host_header_must_name_a_bound_address() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = bed.token(&pod);
+    let port = bed.agent.credentials_addr().port();
+    let rejected = [
+        "localhost".to_owned(),
+        format!("localhost:{port}"),
+        "evil.example".to_owned(),
+        format!("evil.example:{port}"),
+        "127.0.0.2".to_owned(),
+        format!("127.0.0.2:{port}"),
+        "169.254.170.23".to_owned(),
+        "[::1]".to_owned(),
+        "127.0.0.1.nip.io".to_owned(),
+    ];
+    for host in &rejected {
+        let response = bed
+            .agent
+            .get(
+                CREDENTIALS_PATH,
+                &[("Host", host.as_str()), ("Authorization", &token)],
+            )
+            .await;
+        assert_eq!(response.status, 403, "Host: {host}: {response:?}");
+        assert_error_body(&response);
+    }
+    assert_eq!(
+        bed.upstream.calls(),
+        0,
+        "a spoofed Host must not reach EKS Auth"
+    );
+    for host in ["127.0.0.1".to_owned(), format!("127.0.0.1:{port}")] {
+        let response = bed
+            .agent
+            .get(
+                CREDENTIALS_PATH,
+                &[("Host", host.as_str()), ("Authorization", &token)],
+            )
+            .await;
+        assert_eq!(response.status, 200, "Host: {host}: {response:?}");
+    }
+}
+
+#[tokio::test]
+async fn ipv6_listener_accepts_its_bracketed_host() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; nothing to check");
+        return;
+    }
+    let upstream = FakeEksAuth::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    let keys = TestKeys::shared();
+    write_jwks(&jwks_path, &[&keys.rsa]).unwrap();
+    let agent = Agent::builder(upstream.url())
+        .bind_hosts("127.0.0.1,[::1]")
+        .arg("--jwks-file")
+        .arg(&jwks_path)
+        .start()
+        .await;
+    let v6: SocketAddr = agent
+        .credentials_addrs()
+        .into_iter()
+        .find(SocketAddr::is_ipv6)
+        .unwrap_or_else(|| panic!("no [::1] listener announced\n{}", agent.logs_text()));
+    let token = Pod::new("ns", "sa", "p").token().sign(&keys.rsa);
+    for (host, status) in [
+        (format!("[::1]:{}", v6.port()), 200),
+        ("[::1]".to_owned(), 200),
+        ("[0:0:0:0:0:0:0:2]".to_owned(), 403),
+    ] {
+        let response = proto_tests::agent::send_to(
+            v6,
+            "GET",
+            CREDENTIALS_PATH,
+            &[("Host", host.as_str()), ("Authorization", &token)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, status, "Host: {host}: {response:?}");
+    }
+}
+
+#[tokio::test]
+async fn only_the_exact_route_exists() {
+    let bed = TestBed::start().await;
+    let token = bed.token(&pod());
+    for path in [
+        "/v1/credentials/",
+        "//v1/credentials",
+        "/v1/%63redentials",
+        "/V1/credentials",
+        "/v1/credentials/../credentials",
+        "/v1/./credentials",
+        "/",
+    ] {
+        let response = bed.agent.get(path, &[("Authorization", &token)]).await;
+        assert_eq!(response.status, 404, "{path}: {response:?}");
+    }
+    for method in ["POST", "PUT", "DELETE"] {
+        let response = bed
+            .agent
+            .request(method, CREDENTIALS_PATH, &[("Authorization", &token)])
+            .await;
+        assert_eq!(response.status, 405, "{method}: {response:?}");
+    }
+    assert_eq!(bed.upstream.calls(), 0);
+    let response = bed
+        .agent
+        .get("/v1/credentials?foo=bar&x", &[("Authorization", &token)])
+        .await;
+    assert_credentials(&response, &only_issued(&bed.upstream));
+}
+
+#[tokio::test]
+async fn oversized_header_is_refused_and_the_agent_survives() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let addr = bed.agent.credentials_addr();
+    let request = RawRequest::get(CREDENTIALS_PATH)
+        .header("Host", addr.to_string())
+        .header("Authorization", bed.token(&pod))
+        .header("X-Padding", "a".repeat(20 * 1024))
+        .header("Connection", "close");
+    let response = http::send(addr, &request)
+        .await
+        .unwrap_or_else(|e| panic!("no response to a 20 KiB header: {e}"));
+    assert!(
+        matches!(response.status, 431 | 400),
+        "expected 431 or 400: {response:?}"
+    );
+    assert_eq!(bed.upstream.calls(), 0);
+    let control = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+    assert_eq!(control.status, 200, "{control:?}");
+}
+
+/// Opens a connection and sends an unfinished header section.
+async fn start_slow_request(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {CREDENTIALS_PATH} HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").as_bytes(),
+        )
+        .await
+        .expect("write partial header");
+    stream
+}
+
+#[tokio::test]
+async fn slow_clients_do_not_block_others() {
+    let bed = TestBed::start().await;
+    let addr = bed.agent.credentials_addr();
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        slow.push(start_slow_request(addr).await);
+    }
+    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    assert_credentials(&response, &only_issued(&bed.upstream));
+    drop(slow);
+}
+
+#[tokio::test]
+async fn client_that_never_finishes_its_headers_is_disconnected() {
+    let bed = TestBed::start().await;
+    let mut stream = start_slow_request(bed.agent.credentials_addr()).await;
+    // Contract: disconnected after 30 s; allow scheduling slack on top.
+    let mut buf = [0u8; 1024];
+    let outcome = tokio::time::timeout(Duration::from_secs(40), async {
+        // Bounded: a 408 body and the close arrive in a few reads.
+        for _ in 0..64 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        outcome.is_ok(),
+        "a connection with unfinished headers was still open after 40 s"
+    );
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_400() {
+    let bed = TestBed::start().await;
+    let pod = pod();
+    let token = bed.token(&pod);
+    let response = bed
+        .agent
+        .get(
+            CREDENTIALS_PATH,
+            &[("Authorization", &token), ("Authorization", &token)],
+        )
+        .await;
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_error_body(&response);
+    let other = pod.token().sign(&bed.keys.ec);
+    let response = bed
+        .agent
+        .get(
+            CREDENTIALS_PATH,
+            &[("Authorization", &token), ("Authorization", &other)],
+        )
+        .await;
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(bed.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn http10_without_host_is_400() {
+    let bed = TestBed::start().await;
+    let request = RawRequest::get(CREDENTIALS_PATH)
+        .version("HTTP/1.0")
+        .header("Authorization", bed.token(&pod()));
+    let response = http::send(bed.agent.credentials_addr(), &request)
+        .await
+        .expect("a response");
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(bed.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn jwks_url_is_a_key_source() {
+    let keys = TestKeys::shared();
+    let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
+    let upstream = FakeEksAuth::start().await;
+    let agent = Agent::builder(upstream.url())
+        .args(["--jwks-url", &issuer.jwks_url()])
+        .start()
+        .await;
+    assert!(issuer.jwks_fetches() >= 1, "the JWKS URL was never fetched");
+    let pod = pod();
+    let forged = pod
+        .token()
+        .kid(keys.rsa.kid())
+        .sign(TestKeys::untrusted_rsa());
+    assert_token_rejected(
+        &agent.fetch_credentials(&forged).await,
+        "wrong key via --jwks-url",
+    );
+    assert_eq!(upstream.calls(), 0);
+    let response = agent.fetch_credentials(&pod.token().sign(&keys.rsa)).await;
+    assert_credentials(&response, &only_issued(&upstream));
+}
+
+#[tokio::test]
+async fn issuer_alone_discovers_keys() {
+    let keys = TestKeys::shared();
+    let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
+    let upstream = FakeEksAuth::start().await;
+    let agent = Agent::builder(upstream.url())
+        .args(["--issuer", &issuer.issuer()])
+        .start()
+        .await;
+    assert!(
+        issuer.discovery_fetches() >= 1,
+        "discovery document never fetched"
+    );
+    assert!(issuer.jwks_fetches() >= 1, "jwks_uri never fetched");
+    let pod = pod();
+    let wrong_iss = pod.token().sign(&keys.rsa); // DEFAULT_ISSUER, not this issuer
+    assert_token_rejected(&agent.fetch_credentials(&wrong_iss).await, "wrong issuer");
+    assert_eq!(upstream.calls(), 0);
+    let good = pod.token().issuer(issuer.issuer()).sign(&keys.rsa);
+    assert_credentials(
+        &agent.fetch_credentials(&good).await,
+        &only_issued(&upstream),
+    );
+}
+
+/// Retry `token` until it is accepted or `KEY_RELOAD_WAIT` passes.
+async fn accepted_eventually(agent: &Agent, token: &str) -> proto_tests::http::RawResponse {
+    let deadline = tokio::time::Instant::now() + KEY_RELOAD_WAIT;
+    loop {
+        let response = agent.fetch_credentials(token).await;
+        if response.status == 200 || tokio::time::Instant::now() >= deadline {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn unknown_kid_triggers_a_jwks_refetch() {
+    let keys = TestKeys::shared();
+    let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
+    let upstream = FakeEksAuth::start().await;
+    let agent = Agent::builder(upstream.url())
+        .args(["--jwks-url", &issuer.jwks_url()])
+        .start()
+        .await;
+    let before = issuer.jwks_fetches();
+    // The signer rotates to a new key; the agent has not seen it yet.
+    issuer.set_jwks(jwks(&[&keys.rsa, &keys.ec]));
+    let token = pod().token().sign(&keys.ec);
+    let response = accepted_eventually(&agent, &token).await;
+    assert_credentials(&response, &only_issued(&upstream));
+    assert!(issuer.jwks_fetches() > before, "JWKS was not re-fetched");
+}
+
+#[tokio::test]
+async fn jwks_file_is_reread_on_change() {
+    let keys = TestKeys::shared();
+    let upstream = FakeEksAuth::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    write_jwks(&path, &[&keys.rsa]).unwrap();
+    let agent = Agent::builder(upstream.url())
+        .arg("--jwks-file")
+        .arg(&path)
+        .start()
+        .await;
+    let token = pod().token().sign(&keys.ec);
+    assert_token_rejected(
+        &agent.fetch_credentials(&token).await,
+        "key not in the file yet",
+    );
+    write_jwks(&path, &[&keys.rsa, &keys.ec]).unwrap();
+    let response = accepted_eventually(&agent, &token).await;
+    assert_credentials(&response, &only_issued(&upstream));
+}

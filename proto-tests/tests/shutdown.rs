@@ -1,0 +1,90 @@
+//! SIGTERM: stop accepting, finish what is in flight, exit 0 within 10 s.
+
+use std::time::Duration;
+
+use proto_tests::agent::{send_to, CREDENTIALS_PATH};
+use proto_tests::assertions::{assert_credentials, only_issued};
+use proto_tests::{Pod, TestBed};
+use tokio::net::TcpStream;
+
+const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
+    let mut bed = TestBed::start().await;
+    bed.upstream.set_latency(Duration::from_secs(1));
+    let addr = bed.agent.credentials_addr();
+    let token = bed.token(&Pod::new("team-a", "app", "app-0"));
+    let in_flight = tokio::spawn(async move {
+        send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await
+    });
+    assert!(
+        bed.upstream.wait_for_calls(1, Duration::from_secs(5)).await,
+        "request never reached EKS Auth\n{}",
+        bed.agent.logs_text()
+    );
+    bed.agent.sigterm();
+    let response = in_flight
+        .await
+        .expect("request task")
+        .unwrap_or_else(|e| panic!("in-flight request failed: {e}\n{}", bed.agent.logs_text()));
+    assert_credentials(&response, &only_issued(&bed.upstream));
+    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "expected exit 0 within {EXIT_DEADLINE:?}, got {status:?}\n{}",
+        bed.agent.logs_text()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_while_draining() {
+    let mut bed = TestBed::start().await;
+    // Shorter than the agent's upstream deadline, long enough to drain.
+    bed.upstream.set_latency(Duration::from_secs(1));
+    let addr = bed.agent.credentials_addr();
+    let token = bed.token(&Pod::new("team-a", "app", "app-0"));
+    let in_flight = tokio::spawn(async move {
+        send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await
+    });
+    assert!(bed.upstream.wait_for_calls(1, Duration::from_secs(5)).await);
+    bed.agent.sigterm();
+    // Bounded by the drain itself: the refusal must come while the request
+    // is still in flight, i.e. before the process simply went away.
+    let mut refused_while_draining = false;
+    for _ in 0..200 {
+        if in_flight.is_finished() {
+            break;
+        }
+        match TcpStream::connect(addr).await {
+            Err(_) => {
+                refused_while_draining = !in_flight.is_finished();
+                break;
+            }
+            Ok(stream) => drop(stream),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        refused_while_draining,
+        "new connections were still accepted while the in-flight request drained"
+    );
+    let response = in_flight.await.expect("task").expect("in-flight request");
+    assert_eq!(response.status, 200, "{response:?}");
+    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigterm_when_idle_exits_zero() {
+    let mut bed = TestBed::start().await;
+    bed.agent.sigterm();
+    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "expected exit 0 within {EXIT_DEADLINE:?}, got {status:?}\n{}",
+        bed.agent.logs_text()
+    );
+}
