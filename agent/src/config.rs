@@ -154,6 +154,41 @@ pub struct ServerArgs {
         default_value_t = 3.0
     )]
     pub max_service_qps: f64,
+    /// Upstream calls in flight at once (request-path and refresh together).
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_MAX_UPSTREAM_CONCURRENCY",
+        default_value_t = 32
+    )]
+    pub max_upstream_concurrency: usize,
+    /// Requests per second allowed from one client IP (0: no per-caller limit).
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_CALLER_RATE_LIMIT",
+        default_value_t = 100.0
+    )]
+    pub caller_rate_limit: f64,
+    /// Burst allowed from one client IP above its rate.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_CALLER_BURST",
+        default_value_t = 1000.0
+    )]
+    pub caller_burst: f64,
+    /// Requests per second allowed from all clients together (0: no global limit).
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_GLOBAL_RATE_LIMIT",
+        default_value_t = 5000.0
+    )]
+    pub global_rate_limit: f64,
+    /// Burst allowed from all clients together above the global rate.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_GLOBAL_BURST",
+        default_value_t = 5000.0
+    )]
+    pub global_burst: f64,
     /// Credential source.
     #[arg(
         long,
@@ -239,7 +274,32 @@ pub struct Config {
     pub max_cache_size: u64,
     pub max_retention: Duration,
     pub max_service_qps: f64,
+    pub max_upstream_concurrency: usize,
+    pub limits: RequestLimits,
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
+}
+
+/// Request limits of the credentials port (a rate of 0 disables that limit).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub caller_rate: f64,
+    pub caller_burst: f64,
+    pub global_rate: f64,
+    pub global_burst: f64,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        // One SDK retries at most 4 times per fetch; 100/s with a burst of 1000 leaves room
+        // for a pod whose hundreds of processes start at once. The global bucket bounds the
+        // agent's CPU, not any pod.
+        RequestLimits {
+            caller_rate: 100.0,
+            caller_burst: 1000.0,
+            global_rate: 5000.0,
+            global_burst: 5000.0,
+        }
+    }
 }
 
 /// A configuration error: the flag and what is wrong with its value.
@@ -360,6 +420,30 @@ impl ServerArgs {
         if !(self.max_service_qps.is_finite() && self.max_service_qps > 0.0) {
             return Err(bad("max-service-qps", "must be a positive number"));
         }
+        if self.max_upstream_concurrency == 0 || self.max_upstream_concurrency > 4096 {
+            return Err(bad(
+                "max-upstream-concurrency",
+                "must be between 1 and 4096",
+            ));
+        }
+        for (flag, value) in [
+            ("caller-rate-limit", self.caller_rate_limit),
+            ("caller-burst", self.caller_burst),
+            ("global-rate-limit", self.global_rate_limit),
+            ("global-burst", self.global_burst),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(bad(flag, "must be a non-negative number"));
+            }
+        }
+        for (flag, rate, burst) in [
+            ("caller-burst", self.caller_rate_limit, self.caller_burst),
+            ("global-burst", self.global_rate_limit, self.global_burst),
+        ] {
+            if rate > 0.0 && burst < 1.0 {
+                return Err(bad(flag, "must be at least 1 when the rate limit is on"));
+            }
+        }
         Ok(Config {
             cluster_name,
             credential_listeners,
@@ -374,6 +458,13 @@ impl ServerArgs {
             max_cache_size: self.max_cache_size,
             max_retention: self.max_credential_retention_before_renewal,
             max_service_qps: self.max_service_qps,
+            max_upstream_concurrency: self.max_upstream_concurrency,
+            limits: RequestLimits {
+                caller_rate: self.caller_rate_limit,
+                caller_burst: self.caller_burst,
+                global_rate: self.global_rate_limit,
+                global_burst: self.global_burst,
+            },
             static_upstream_credentials: None,
         })
     }
@@ -434,6 +525,8 @@ impl Default for Config {
             max_cache_size: 2000,
             max_retention: Duration::from_secs(3 * 3600),
             max_service_qps: 3.0,
+            max_upstream_concurrency: 32,
+            limits: RequestLimits::default(),
             static_upstream_credentials: None,
         }
     }

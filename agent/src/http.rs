@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cache::{CacheError, CredentialCache};
+use crate::limits::{Limited, RequestLimiter};
 use crate::metrics::Metrics;
 use crate::token::{TokenError, Verifier};
 use crate::upstream::{Credentials, FailureKind};
@@ -38,12 +39,23 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// What a throttled client is told to wait; the SDKs retry after about 1 s anyway.
 const RETRY_AFTER_SECS: &str = "1";
 
+/// `Retry-After` for a limiter wait, in whole seconds (at least 1).
+fn retry_after_value(secs: u64) -> &'static str {
+    match secs {
+        0 | 1 => "1",
+        2 => "2",
+        3..=5 => "5",
+        _ => "10",
+    }
+}
+
 /// Shared state of the credential listeners.
 pub struct AppState {
     pub verifier: Verifier,
     pub cache: Arc<CredentialCache>,
     pub metrics: Metrics,
     pub hosts: HostAllowList,
+    pub limiter: RequestLimiter,
 }
 
 /// Addresses the agent is bound to, as the Host header may name them.
@@ -106,6 +118,11 @@ pub enum ApiError {
     BadRequest(&'static str, String),
     #[error("the agent must be called through one of its bound addresses")]
     HostNotAllowed,
+    #[error("too many requests ({} limit); retry after {retry_after_secs}s", .limited.scope())]
+    RateLimited {
+        limited: Limited,
+        retry_after_secs: u64,
+    },
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -121,6 +138,13 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "MethodNotAllowed".into(), None),
             ApiError::BadRequest(code, _) => (S::BAD_REQUEST, (*code).into(), None),
             ApiError::HostNotAllowed => (S::FORBIDDEN, "HostNotAllowed".into(), None),
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => (
+                S::TOO_MANY_REQUESTS,
+                "TooManyRequests".into(),
+                Some(retry_after_value(*retry_after_secs)),
+            ),
             ApiError::Token(e) => {
                 let status = match e {
                     TokenError::Missing | TokenError::Malformed(_) => S::BAD_REQUEST,
@@ -155,6 +179,13 @@ impl ApiError {
                         S::from_u16(status).unwrap_or(S::BAD_REQUEST)
                     }
                     FailureKind::Rejected { .. } => S::BAD_REQUEST,
+                    FailureKind::Busy => {
+                        return (
+                            S::SERVICE_UNAVAILABLE,
+                            e.code.clone(),
+                            Some(RETRY_AFTER_SECS),
+                        )
+                    }
                     FailureKind::Server { status: 503 } | FailureKind::Unreachable => {
                         S::SERVICE_UNAVAILABLE
                     }
@@ -254,12 +285,16 @@ pub async fn handle(
     } else {
         "other"
     };
-    let response = match credentials(&state, &req).await {
+    let response = match credentials(&state, &req, peer).await {
         Ok(creds) => credentials_response(&creds),
         Err(err) => {
             let (status, code, _) = err.classify();
-            if let ApiError::Token(e) = &err {
-                state.metrics.token_rejected(e.code());
+            match &err {
+                ApiError::Token(e) => state.metrics.token_rejected(e.code()),
+                ApiError::RateLimited { limited, .. } => {
+                    state.metrics.rate_limited(limited.scope())
+                }
+                _ => {}
             }
             if status.is_server_error() {
                 tracing::warn!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request failed");
@@ -280,6 +315,7 @@ pub async fn handle(
 async fn credentials(
     state: &AppState,
     req: &Request<Incoming>,
+    peer: SocketAddr,
 ) -> Result<Arc<Credentials>, ApiError> {
     // No normalisation: `/v1/credentials/`, `//v1/credentials` and percent-encodings are 404.
     if req.uri().path() != CREDENTIALS_PATH {
@@ -287,6 +323,14 @@ async fn credentials(
     }
     if req.method() != Method::GET {
         return Err(ApiError::MethodNotAllowed);
+    }
+    // Before any parsing or crypto: a flood costs one bucket check per request.
+    if let Err(limited) = state.limiter.check(peer.ip()) {
+        let retry_after_secs = limited.retry_after().as_secs_f64().ceil() as u64;
+        return Err(ApiError::RateLimited {
+            limited,
+            retry_after_secs,
+        });
     }
     if req.uri().authority().is_some() {
         return Err(ApiError::BadRequest(

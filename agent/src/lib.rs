@@ -13,6 +13,7 @@ pub mod config;
 pub mod dev;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;
@@ -29,10 +30,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{AdminState, Readiness};
-use crate::cache::CredentialCache;
+use crate::cache::{CacheSettings, CredentialCache};
 use crate::config::Config;
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
+use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::token::Verifier;
 use crate::upstream::eks_auth::EksAuth;
@@ -103,9 +105,13 @@ impl Agent {
 
         let cache = CredentialCache::new(
             Arc::new(backend),
-            config.cache_scope,
-            config.max_cache_size,
-            config.max_retention,
+            CacheSettings {
+                scope: config.cache_scope,
+                max_entries: config.max_cache_size,
+                max_retention: config.max_retention,
+                max_service_qps: config.max_service_qps,
+                max_upstream_concurrency: config.max_upstream_concurrency,
+            },
             metrics.clone(),
         );
 
@@ -134,6 +140,12 @@ impl Agent {
             cache: cache.clone(),
             metrics: metrics.clone(),
             hosts: HostAllowList::new(credential_addrs.clone()),
+            limiter: RequestLimiter::new(
+                config.limits.caller_rate,
+                config.limits.caller_burst,
+                config.limits.global_rate,
+                config.limits.global_burst,
+            ),
         });
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");

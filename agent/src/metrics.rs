@@ -9,6 +9,8 @@ use std::sync::Arc;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -35,6 +37,14 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub cache_coalesced: Counter,
     pub cache_entries: Gauge,
+    cache_entries_by_state: Family<Labels1, Gauge>,
+    pub stale_serves: Counter,
+    evictions: Family<Labels1, Counter>,
+    refreshes: Family<Labels1, Counter>,
+    pub refresh_budget: Gauge<f64, AtomicU64>,
+    pub min_credential_lifetime: Gauge<f64, AtomicU64>,
+    pub upstream_busy: Counter,
+    rate_limited: Family<Labels1, Counter>,
     token_rejections: Family<Labels1, Counter>,
     key_reloads: Family<Labels2, Counter>,
     pub keys_loaded: Gauge,
@@ -100,6 +110,55 @@ impl Metrics {
             "Entries in the credential cache",
             cache_entries.clone(),
         );
+        let cache_entries_by_state = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "cache_entries_by_state",
+            "Entries with credentials, by state: fresh, refreshing, stale (past their refresh point)",
+            cache_entries_by_state.clone(),
+        );
+        let stale_serves = Counter::default();
+        registry.register(
+            "stale_serves",
+            "Requests answered with still-valid credentials because a refresh failed or was slow",
+            stale_serves.clone(),
+        );
+        let evictions = Family::<Labels1, Counter>::default();
+        registry.register(
+            "cache_evictions",
+            "Entries removed, by reason: idle, revoked, token_expired, expired, size",
+            evictions.clone(),
+        );
+        let refreshes = Family::<Labels1, Counter>::default();
+        registry.register(
+            "refreshes",
+            "Background refreshes by outcome: success, failed_kept (old credentials kept), failed, revoked",
+            refreshes.clone(),
+        );
+        let refresh_budget = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "refresh_budget_qps",
+            "Current background refresh budget in calls per second (halved on throttling)",
+            refresh_budget.clone(),
+        );
+        let min_credential_lifetime = Gauge::<f64, AtomicU64>::default();
+        min_credential_lifetime.set(f64::NAN);
+        registry.register(
+            "cache_min_credential_lifetime_seconds",
+            "Smallest remaining lifetime of any cached credentials (NaN when the cache is empty)",
+            min_credential_lifetime.clone(),
+        );
+        let upstream_busy = Counter::default();
+        registry.register(
+            "upstream_busy",
+            "Request-path fetches refused with 503 because every upstream slot stayed busy",
+            upstream_busy.clone(),
+        );
+        let rate_limited = Family::<Labels1, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by the agent's own limits, by scope",
+            rate_limited.clone(),
+        );
         let token_rejections = Family::<Labels1, Counter>::default();
         registry.register(
             "token_rejections",
@@ -139,6 +198,14 @@ impl Metrics {
             cache_misses,
             cache_coalesced,
             cache_entries,
+            cache_entries_by_state,
+            stale_serves,
+            evictions,
+            refreshes,
+            refresh_budget,
+            min_credential_lifetime,
+            upstream_busy,
+            rate_limited,
             token_rejections,
             key_reloads,
             keys_loaded,
@@ -172,6 +239,30 @@ impl Metrics {
         self.token_rejections
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    pub fn eviction(&self, reason: &'static str) {
+        self.evictions.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn refresh(&self, outcome: &'static str) {
+        self.refreshes.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub fn rate_limited(&self, scope: &'static str) {
+        self.rate_limited.get_or_create(&[("scope", scope)]).inc();
+    }
+
+    pub fn set_entries_by_state(&self, fresh: i64, refreshing: i64, stale: i64) {
+        for (state, n) in [
+            ("fresh", fresh),
+            ("refreshing", refreshing),
+            ("stale", stale),
+        ] {
+            self.cache_entries_by_state
+                .get_or_create(&[("state", state)])
+                .set(n);
+        }
     }
 
     pub fn key_reload(&self, outcome: &'static str, reason: &'static str) {

@@ -73,6 +73,8 @@ pub enum FailureKind {
     Unreachable,
     /// A 200 whose body is unusable.
     InvalidResponse,
+    /// The agent's own bound on concurrent upstream calls was reached (no call was made).
+    Busy,
     /// The request could not be built or signed (e.g. the agent has no AWS credentials).
     Internal,
 }
@@ -87,6 +89,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Unreachable => "unreachable",
             FailureKind::InvalidResponse => "invalid_response",
+            FailureKind::Busy => "busy",
             FailureKind::Internal => "internal",
         }
     }

@@ -1,0 +1,292 @@
+//! Token buckets: per caller and global request limits, and the adaptive budget that paces
+//! background refreshes to the upstream.
+//!
+//! Time is `tokio::time::Instant`, so tests drive hours of traffic with a paused clock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Per-caller state is bounded: past this many tracked callers, full (idle) buckets are
+/// dropped, and if none is idle a new caller is let through on the global limit alone.
+const MAX_TRACKED_CALLERS: usize = 4096;
+/// Idle buckets are swept at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A classic token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        let burst = burst.max(1.0);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Take one token, or say how long until one is available.
+    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else if self.rate <= 0.0 {
+            Err(Duration::from_secs(1))
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    /// Full again: nothing is owed, so the bucket can be forgotten.
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+
+    pub fn set_rate(&mut self, rate: f64, now: Instant) {
+        self.refill(now);
+        self.rate = rate;
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    Caller(Duration),
+    Global(Duration),
+}
+
+impl Limited {
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Limited::Caller(d) | Limited::Global(d) => *d,
+        }
+    }
+    pub fn scope(&self) -> &'static str {
+        match self {
+            Limited::Caller(_) => "caller",
+            Limited::Global(_) => "global",
+        }
+    }
+}
+
+/// Limits for the credentials port: one bucket per client IP, one for everyone. A rate of
+/// zero turns that limit off.
+pub struct RequestLimiter {
+    caller_rate: f64,
+    caller_burst: f64,
+    global: Option<Mutex<TokenBucket>>,
+    callers: Mutex<Callers>,
+}
+
+struct Callers {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_sweep: Instant,
+}
+
+impl RequestLimiter {
+    pub fn new(caller_rate: f64, caller_burst: f64, global_rate: f64, global_burst: f64) -> Self {
+        let now = Instant::now();
+        RequestLimiter {
+            caller_rate,
+            caller_burst,
+            global: (global_rate > 0.0)
+                .then(|| Mutex::new(TokenBucket::new(global_rate, global_burst, now))),
+            callers: Mutex::new(Callers {
+                buckets: HashMap::new(),
+                last_sweep: now,
+            }),
+        }
+    }
+
+    /// Admit one request from `ip`, or say which limit refused it and for how long.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Limited> {
+        let now = Instant::now();
+        if self.caller_rate > 0.0 {
+            let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+            if now.saturating_duration_since(callers.last_sweep) >= SWEEP_INTERVAL
+                || (callers.buckets.len() >= MAX_TRACKED_CALLERS
+                    && !callers.buckets.contains_key(&ip))
+            {
+                callers.buckets.retain(|_, b| !b.is_full(now));
+                callers.last_sweep = now;
+            }
+            let tracked = callers.buckets.len();
+            match callers.buckets.get_mut(&ip) {
+                Some(bucket) => bucket.try_take(now).map_err(Limited::Caller)?,
+                None if tracked < MAX_TRACKED_CALLERS => {
+                    let mut bucket = TokenBucket::new(self.caller_rate, self.caller_burst, now);
+                    bucket.try_take(now).map_err(Limited::Caller)?;
+                    callers.buckets.insert(ip, bucket);
+                }
+                // Every tracked caller is active: the global bucket still bounds the load.
+                None => {}
+            }
+        }
+        if let Some(global) = &self.global {
+            global
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_take(now)
+                .map_err(Limited::Global)?;
+        }
+        Ok(())
+    }
+
+    pub fn tracked_callers(&self) -> usize {
+        self.callers.lock().map(|c| c.buckets.len()).unwrap_or(0)
+    }
+}
+
+/// The background refresh budget: a token bucket whose rate backs off when the upstream
+/// throttles (halved, down to a floor) and recovers additively with each success.
+pub struct RefreshBudget {
+    max_rate: f64,
+    bucket: tokio::sync::Mutex<TokenBucket>,
+}
+
+/// The budget never drops below this share of its configured rate.
+const MIN_RATE_FRACTION: f64 = 1.0 / 16.0;
+/// Each successful refresh gives back this share of the configured rate.
+const RECOVERY_FRACTION: f64 = 1.0 / 20.0;
+
+impl RefreshBudget {
+    pub fn new(max_rate: f64) -> Self {
+        // Burst of one second's worth: a refresh wave is spread over time, not fired at once.
+        RefreshBudget {
+            max_rate,
+            bucket: tokio::sync::Mutex::new(TokenBucket::new(max_rate, max_rate, Instant::now())),
+        }
+    }
+
+    /// Wait for a token. Waiters queue in order (tokio's mutex is fair).
+    pub async fn acquire(&self) {
+        let mut bucket = self.bucket.lock().await;
+        loop {
+            match bucket.try_take(Instant::now()) {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    pub async fn on_throttled(&self) -> f64 {
+        let mut bucket = self.bucket.lock().await;
+        let rate = (bucket.rate() / 2.0).max(self.max_rate * MIN_RATE_FRACTION);
+        bucket.set_rate(rate, Instant::now());
+        rate
+    }
+
+    pub async fn on_success(&self) -> f64 {
+        let mut bucket = self.bucket.lock().await;
+        let rate = (bucket.rate() + self.max_rate * RECOVERY_FRACTION).min(self.max_rate);
+        bucket.set_rate(rate, Instant::now());
+        rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_refills_at_its_rate() {
+        let now = Instant::now();
+        let mut b = TokenBucket::new(2.0, 4.0, now);
+        for _ in 0..4 {
+            b.try_take(now).unwrap();
+        }
+        let wait = b.try_take(now).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(b.try_take(now + Duration::from_millis(500)).is_ok());
+        assert!(b.try_take(now + Duration::from_millis(600)).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_are_limited_separately_and_globally() {
+        let limiter = RequestLimiter::new(1.0, 3.0, 100.0, 5.0);
+        let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let b = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        for _ in 0..3 {
+            limiter.check(a).unwrap();
+        }
+        assert!(matches!(limiter.check(a), Err(Limited::Caller(_))));
+        limiter.check(b).unwrap();
+        limiter.check(b).unwrap();
+        assert!(
+            matches!(limiter.check(b), Err(Limited::Global(_))),
+            "global burst of 5 used up"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        limiter.check(a).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_state_is_bounded_and_idle_buckets_dropped() {
+        let limiter = RequestLimiter::new(10.0, 10.0, 0.0, 0.0);
+        for i in 0..(MAX_TRACKED_CALLERS as u32 + 100) {
+            limiter
+                .check(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+                .unwrap();
+        }
+        assert!(limiter.tracked_callers() <= MAX_TRACKED_CALLERS);
+        tokio::time::advance(SWEEP_INTERVAL).await;
+        limiter.check(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        assert_eq!(limiter.tracked_callers(), 1, "idle callers forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_backs_off_and_recovers() {
+        let budget = RefreshBudget::new(4.0);
+        assert_eq!(budget.on_throttled().await, 2.0);
+        assert_eq!(budget.on_throttled().await, 1.0);
+        for _ in 0..10 {
+            budget.on_throttled().await;
+        }
+        assert_eq!(
+            budget.on_throttled().await,
+            0.25,
+            "floor at 1/16 of the configured rate"
+        );
+        let mut rate = 0.0;
+        for _ in 0..20 {
+            rate = budget.on_success().await;
+        }
+        assert_eq!(rate, 4.0, "additive recovery back to the configured rate");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_paces_acquisitions() {
+        let budget = RefreshBudget::new(2.0);
+        let start = Instant::now();
+        for _ in 0..6 {
+            budget.acquire().await;
+        }
+        // Two at once (the burst), then one every 500 ms.
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+}
