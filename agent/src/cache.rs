@@ -791,6 +791,7 @@ mod tests {
                 service_account: sa.into(),
                 pod_name: uid.map(|u| format!("pod-{u}")),
                 pod_uid: uid.map(Into::into),
+                audiences: vec!["pods.eks.amazonaws.com".into()],
             }),
             expires_at: Some(SystemTime::now() + 24 * HOUR),
         }

@@ -260,6 +260,12 @@ impl std::fmt::Debug for StaticUpstreamCredentials {
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub backend: BackendKind,
+    /// Associations file (sts backend).
+    pub associations: Option<PathBuf>,
+    /// STS endpoint override, validated, without a trailing slash.
+    pub sts_endpoint: Option<String>,
+    /// EKS cluster name (eks-auth backend; empty for sts).
     pub cluster_name: String,
     pub credential_listeners: Vec<SocketAddr>,
     pub probe_listener: SocketAddr,
@@ -319,27 +325,46 @@ fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ServerArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if self.backend == BackendKind::Sts {
-            return Err(bad("backend", "the sts backend is not supported yet"));
-        }
-        if self.associations.is_some() {
-            return Err(bad(
-                "associations",
-                "not supported yet (needs the sts backend)",
-            ));
-        }
-        if self.sts_endpoint.is_some() {
-            return Err(bad(
-                "sts-endpoint",
-                "not supported yet (needs the sts backend)",
-            ));
-        }
         if self.rotate_credentials {
             return Err(bad("rotate-credentials", "not supported yet"));
         }
-        let cluster_name = match self.cluster_name {
-            Some(name) => validate_cluster_name(&name).map(|()| name)?,
-            None => return Err(bad("cluster-name", "required for the eks-auth backend")),
+        let (cluster_name, associations, sts_endpoint) = match self.backend {
+            BackendKind::EksAuth => {
+                if self.associations.is_some() {
+                    return Err(bad("associations", "only used with --backend sts"));
+                }
+                if self.sts_endpoint.is_some() {
+                    return Err(bad("sts-endpoint", "only used with --backend sts"));
+                }
+                let name = self
+                    .cluster_name
+                    .clone()
+                    .ok_or_else(|| bad("cluster-name", "required for the eks-auth backend"))?;
+                validate_cluster_name(&name)?;
+                (name, None, None)
+            }
+            BackendKind::Sts => {
+                let path = self
+                    .associations
+                    .clone()
+                    .ok_or_else(|| bad("associations", "required for the sts backend"))?;
+                if self.jwks_file.is_none() && self.jwks_url.is_none() && self.issuer.is_none() {
+                    return Err(bad(
+                        "backend",
+                        "the sts backend needs local token verification (--jwks-file, --jwks-url or --issuer)",
+                    ));
+                }
+                let endpoint = match self.sts_endpoint.as_deref() {
+                    Some(e) => parse_http_url("sts-endpoint", e)
+                        .map(|_| Some(e.trim_end_matches('/').to_owned()))?,
+                    None => None,
+                };
+                (
+                    self.cluster_name.clone().unwrap_or_default(),
+                    Some(path),
+                    endpoint,
+                )
+            }
         };
         let mut credential_listeners = Vec::new();
         for host in self
@@ -445,6 +470,9 @@ impl ServerArgs {
             }
         }
         Ok(Config {
+            backend: self.backend,
+            associations,
+            sts_endpoint,
             cluster_name,
             credential_listeners,
             probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
@@ -512,6 +540,9 @@ impl Default for Config {
     fn default() -> Self {
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         Config {
+            backend: BackendKind::EksAuth,
+            associations: None,
+            sts_endpoint: None,
             cluster_name: "dev".into(),
             credential_listeners: vec![SocketAddr::new(loopback, 0)],
             probe_listener: SocketAddr::new(loopback, 0),
@@ -591,7 +622,28 @@ mod tests {
             (vec!["-c", "x", "--endpoint", "ftp://x"], "--endpoint"),
             (vec!["-c", "x", "--jwks-url", "not a url"], "--jwks-url"),
             (vec!["-c", "x", "--max-cache-size", "0"], "--max-cache-size"),
-            (vec!["-c", "x", "--backend", "sts"], "--backend"),
+            (vec!["-c", "x", "--backend", "sts"], "--associations"),
+            (
+                vec!["--backend", "sts", "--associations", "/a.yaml"],
+                "--backend",
+            ),
+            (
+                vec!["-c", "x", "--associations", "/a.yaml"],
+                "--associations",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "sts",
+                    "--associations",
+                    "/a",
+                    "--jwks-file",
+                    "/k",
+                    "--sts-endpoint",
+                    "x",
+                ],
+                "--sts-endpoint",
+            ),
             (vec!["-c", "x", "--audience", ","], "--audience"),
             (vec!["-c", "x", "--region", "US East"], "--region"),
             (
@@ -636,6 +688,24 @@ mod tests {
         let cfg = parse(&["-c", "x", "--issuer", "https://i", "--jwks-file", "/k.json"]).unwrap();
         assert_eq!(cfg.key_source, Some(KeySource::File("/k.json".into())));
         assert_eq!(cfg.issuer.as_deref(), Some("https://i"));
+    }
+
+    #[test]
+    fn sts_backend_needs_no_cluster_name() {
+        let cfg = parse(&[
+            "--backend",
+            "sts",
+            "--associations",
+            "/a.yaml",
+            "--jwks-file",
+            "/k.json",
+        ])
+        .unwrap();
+        assert_eq!(cfg.backend, BackendKind::Sts);
+        assert_eq!(
+            cfg.associations.as_deref(),
+            Some(std::path::Path::new("/a.yaml"))
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! cannot turn into a stream of fetches.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -157,6 +158,8 @@ pub struct KeyStore {
     http: Option<HttpFetcher>,
     metrics: Metrics,
     loaded_tx: watch::Sender<bool>,
+    /// Bumped on every key set installed, so results verified against an older set expire.
+    generation: AtomicU64,
 }
 
 impl KeyStore {
@@ -173,6 +176,7 @@ impl KeyStore {
             http,
             metrics,
             loaded_tx,
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -186,7 +190,13 @@ impl KeyStore {
             http: None,
             metrics,
             loaded_tx,
+            generation: AtomicU64::new(1),
         })
+    }
+
+    /// Changes whenever a new key set is installed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -250,6 +260,7 @@ impl KeyStore {
                 if let Ok(mut cur) = self.current.write() {
                     *cur = Some(Arc::new(set));
                 }
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 self.loaded_tx.send_replace(true);
                 self.metrics.key_reload("success", reason);
                 self.metrics.keys_loaded.set(n as i64);

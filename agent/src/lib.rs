@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod associations;
 pub mod cache;
 pub mod config;
 pub mod dev;
@@ -30,7 +31,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{AdminState, Readiness};
+use crate::associations::AssociationStore;
 use crate::cache::{CacheSettings, CredentialCache};
+use crate::config::BackendKind;
 use crate::config::Config;
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
@@ -38,6 +41,8 @@ use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::token::Verifier;
 use crate::upstream::eks_auth::EksAuth;
+use crate::upstream::sts::Sts;
+use crate::upstream::Backend;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,13 +79,39 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        // Configuration the upstream needs (the region) is checked before anything else runs.
-        let backend = EksAuth::new(&config)
-            .await
-            .map_err(|e| StartError::Config {
-                flag: e.flag,
-                message: e.message,
-            })?;
+        // Configuration the upstream needs (region, associations) is checked before anything
+        // else runs.
+        let backend: Arc<dyn Backend> =
+            match (config.backend, &config.associations) {
+                (BackendKind::Sts, Some(path)) => {
+                    let store = AssociationStore::load(path, metrics.clone()).map_err(|e| {
+                        StartError::Config {
+                            flag: "associations",
+                            message: e.to_string(),
+                        }
+                    })?;
+                    tokio::spawn(store.clone().run(shutdown_rx.clone()));
+                    let sts = Sts::new(&config, store)
+                        .await
+                        .map_err(|e| StartError::Config {
+                            flag: e.flag,
+                            message: e.message,
+                        })?;
+                    Arc::new(sts)
+                }
+                (BackendKind::Sts, None) => {
+                    return Err(StartError::Config {
+                        flag: "associations",
+                        message: "required for the sts backend".into(),
+                    })
+                }
+                (BackendKind::EksAuth, _) => Arc::new(EksAuth::new(&config).await.map_err(
+                    |e| StartError::Config {
+                        flag: e.flag,
+                        message: e.message,
+                    },
+                )?),
+            };
         let keys = match &config.key_source {
             Some(source) => {
                 let store = KeyStore::new(source.clone(), metrics.clone()).map_err(|e| {
@@ -104,7 +135,7 @@ impl Agent {
         metrics.verification_enabled.set(i64::from(keys.is_some()));
 
         let cache = CredentialCache::new(
-            Arc::new(backend),
+            backend,
             CacheSettings {
                 scope: config.cache_scope,
                 max_entries: config.max_cache_size,

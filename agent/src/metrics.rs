@@ -45,6 +45,8 @@ pub struct Metrics {
     pub min_credential_lifetime: Gauge<f64, AtomicU64>,
     pub upstream_busy: Counter,
     rate_limited: Family<Labels1, Counter>,
+    pub associations: Gauge,
+    association_reloads: Family<Labels1, Counter>,
     token_rejections: Family<Labels1, Counter>,
     key_reloads: Family<Labels2, Counter>,
     pub keys_loaded: Gauge,
@@ -159,6 +161,18 @@ impl Metrics {
             "Requests refused with 429 by the agent's own limits, by scope",
             rate_limited.clone(),
         );
+        let associations = Gauge::default();
+        registry.register(
+            "associations",
+            "Associations loaded from --associations (sts backend)",
+            associations.clone(),
+        );
+        let association_reloads = Family::<Labels1, Counter>::default();
+        registry.register(
+            "association_reloads",
+            "Loads of the associations file by outcome (a failure keeps the last good set)",
+            association_reloads.clone(),
+        );
         let token_rejections = Family::<Labels1, Counter>::default();
         registry.register(
             "token_rejections",
@@ -206,6 +220,8 @@ impl Metrics {
             min_credential_lifetime,
             upstream_busy,
             rate_limited,
+            associations,
+            association_reloads,
             token_rejections,
             key_reloads,
             keys_loaded,
@@ -251,6 +267,12 @@ impl Metrics {
 
     pub fn rate_limited(&self, scope: &'static str) {
         self.rate_limited.get_or_create(&[("scope", scope)]).inc();
+    }
+
+    pub fn association_reload(&self, outcome: &'static str) {
+        self.association_reloads
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
     }
 
     pub fn set_entries_by_state(&self, fresh: i64, refreshing: i64, stale: i64) {

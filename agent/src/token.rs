@@ -97,6 +97,8 @@ pub struct VerifiedClaims {
     pub service_account: String,
     pub pod_name: Option<String>,
     pub pod_uid: Option<String>,
+    /// The token's `aud` values (the STS backend checks an association's audience).
+    pub audiences: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +152,16 @@ struct RawHeader {
 }
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    aud: Option<Audience>,
     exp: Option<u64>,
     nbf: Option<u64>,
     #[serde(rename = "kubernetes.io")]
@@ -171,11 +181,25 @@ struct NameUid {
     uid: Option<String>,
 }
 
+/// Tokens verified recently, by SHA-256 digest: an SDK presents the same token on every
+/// request until the kubelet rotates it, and a signature check costs far more than a lookup.
+const VERIFIED_CACHE_SIZE: u64 = 10_000;
+/// A verified result is reused at most this long (and never past the token's `exp`, nor
+/// across a key set change).
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Clone)]
+struct Verified {
+    identity: Identity,
+    key_generation: u64,
+}
+
 /// Checks tokens against a key store, issuer and audiences.
 pub struct Verifier {
     keys: Option<Arc<KeyStore>>,
     issuer: Option<String>,
     audiences: Vec<String>,
+    verified: moka::sync::Cache<[u8; 32], Verified>,
 }
 
 impl Verifier {
@@ -184,11 +208,27 @@ impl Verifier {
         issuer: Option<String>,
         audiences: Vec<String>,
     ) -> Self {
+        let verified = moka::sync::Cache::builder()
+            .max_capacity(VERIFIED_CACHE_SIZE)
+            .time_to_live(VERIFIED_TTL)
+            .build();
         Verifier {
             keys,
             issuer,
             audiences,
+            verified,
         }
+    }
+
+    /// A previous verification of exactly these bytes, if still valid.
+    fn recall(&self, token: &Token, keys: &KeyStore) -> Option<Identity> {
+        let hit = self.verified.get(&token.digest())?;
+        let fresh = hit.key_generation == keys.generation()
+            && hit
+                .identity
+                .expires_at
+                .is_none_or(|exp| exp + LEEWAY > SystemTime::now());
+        fresh.then_some(hit.identity)
     }
 
     pub fn enabled(&self) -> bool {
@@ -203,8 +243,13 @@ impl Verifier {
         if raw.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("token is too long".into()));
         }
-        let (alg, claims) = parse_unverified(raw)?;
         let token = Token::new(raw);
+        if let Some(keys) = &self.keys {
+            if let Some(identity) = self.recall(&token, keys) {
+                return Ok(identity);
+            }
+        }
+        let (alg, claims) = parse_unverified(raw)?;
         let expires_at = claims.exp.map(|s| UNIX_EPOCH + Duration::from_secs(s));
         let Some(keys) = &self.keys else {
             // Unverified mode: the upstream checks the signature. Still refuse what would
@@ -230,17 +275,26 @@ impl Verifier {
             }
             Err(e) => return Err(TokenError::KeysUnavailable(e.to_string())),
         };
+        let key_generation = keys.generation();
         let validation = self.validation(alg);
         let mut last_err = TokenError::Signature;
         for key in candidates.iter() {
             match jsonwebtoken::decode::<Claims>(raw, key, &validation) {
                 Ok(data) => {
                     let verified = kubernetes_identity(&data.claims)?;
-                    return Ok(Identity {
+                    let identity = Identity {
                         token,
                         verified: Some(verified),
                         expires_at,
-                    });
+                    };
+                    self.verified.insert(
+                        identity.token.digest(),
+                        Verified {
+                            identity: identity.clone(),
+                            key_generation,
+                        },
+                    );
+                    return Ok(identity);
                 }
                 Err(e) => {
                     last_err = map_jwt_error(e);
@@ -393,6 +447,11 @@ fn kubernetes_identity(claims: &Claims) -> Result<VerifiedClaims, TokenError> {
         service_account,
         pod_name: pod.and_then(|p| p.name.clone()).filter(|s| !s.is_empty()),
         pod_uid: pod.and_then(|p| p.uid.clone()).filter(|s| !s.is_empty()),
+        audiences: match &claims.aud {
+            Some(Audience::One(a)) => vec![a.clone()],
+            Some(Audience::Many(list)) => list.clone(),
+            None => Vec::new(),
+        },
     })
 }
 
@@ -530,6 +589,36 @@ mod tests {
             v.verify(&key.sign(&c)).await,
             Err(TokenError::Expired)
         ));
+    }
+
+    #[tokio::test]
+    async fn verified_results_are_reused_until_the_keys_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let key = TestKey::es256("k1");
+        std::fs::write(&path, key.jwks().to_string()).unwrap();
+        let store = KeyStore::new(
+            crate::config::KeySource::File(path.clone()),
+            crate::metrics::Metrics::new(),
+        )
+        .unwrap();
+        store.reload("startup").await.unwrap();
+        let v = Verifier::new(
+            Some(store.clone()),
+            None,
+            vec!["pods.eks.amazonaws.com".into()],
+        );
+        let tok = key.sign(&claims("ns", "sa", "u1"));
+        v.verify(&tok).await.unwrap();
+        assert!(
+            v.recall(&Token::new(&tok), &store).is_some(),
+            "second presentation skips the signature check"
+        );
+        // The key is rotated out: the same token must be checked again, and now fails.
+        std::fs::write(&path, TestKey::es256("k2").jwks().to_string()).unwrap();
+        store.reload("changed").await.unwrap();
+        assert!(v.recall(&Token::new(&tok), &store).is_none());
+        assert!(matches!(v.verify(&tok).await, Err(TokenError::UnknownKey)));
     }
 
     #[test]

@@ -54,7 +54,8 @@ fn bad_flags_exit_64_naming_the_flag() {
             &["--cluster-name", "c", "--endpoint", "not a url"],
             "--endpoint",
         ),
-        (&["--cluster-name", "c", "--backend", "sts"], "--backend"),
+        (&["--cluster-name", "c", "--backend", "sts"], "--associations"),
+        (&["--backend", "sts", "--associations", "/a.yaml"], "--backend"),
         (
             &["--cluster-name", "c", "--log-level", "info,=[="],
             "--log-level",

@@ -1,45 +1,23 @@
 //! EKS Auth `AssumeRoleForPodIdentity`, signed with the node's own AWS credentials.
-//!
-//! The SDK's retries are turned off and replaced by [`MAX_ATTEMPTS`] explicit attempts inside
-//! [`OPERATION_TIMEOUT`]: a pod's SDK gives up on us after 1 s (JS) or 2 s (botocore) per
-//! attempt and retries on its own, so the agent must answer within the contract's 5 s even
-//! when EKS Auth hangs, and must not multiply a throttled call into more calls.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_eksauth::operation::assume_role_for_pod_identity::{
-    AssumeRoleForPodIdentityError, AssumeRoleForPodIdentityOutput,
-};
+use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityOutput;
 
 use super::{
-    account_of_arn, Backend, Credentials, FailureKind, FetchFuture, Secret, UpstreamError,
+    account_of_arn, classify, invalid_response, sdk_config, with_retries, Backend, CodePolicy,
+    Credentials, FetchFuture, Secret, SetupError, UpstreamError,
 };
 use crate::config::Config;
 use crate::token::Identity;
 
-/// TCP+TLS connect budget; a healthy regional endpoint connects in tens of milliseconds.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
-/// One attempt; EKS Auth answers in well under a second when healthy.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2000);
-/// Whole call, retries included: below the contract's 5 s for a failing fresh request.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_millis(4500);
-/// One retry for transient failures (5xx, timeouts, broken connections); never for throttling.
-const MAX_ATTEMPTS: u32 = 2;
-/// Pause before the retry.
-const RETRY_DELAY: Duration = Duration::from_millis(100);
-/// Upstream messages are shown to pods; keep them bounded.
-const MAX_MESSAGE_LEN: usize = 512;
+const SERVICE: &str = "EKS Auth";
 
-#[derive(Debug, thiserror::Error)]
-#[error("--{flag}: {message}")]
-pub struct SetupError {
-    pub flag: &'static str,
-    pub message: String,
-}
+const POLICY: CodePolicy = CodePolicy {
+    service: SERVICE,
+    throttling: &["ThrottlingException"],
+    transient: &[],
+};
 
 pub struct EksAuth {
     client: aws_sdk_eksauth::Client,
@@ -48,33 +26,7 @@ pub struct EksAuth {
 
 impl EksAuth {
     pub async fn new(config: &Config) -> Result<EksAuth, SetupError> {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-            .operation_timeout(OPERATION_TIMEOUT)
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .retry_config(RetryConfig::disabled());
-        if let Some(region) = &config.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(creds) = &config.static_upstream_credentials {
-            loader = loader.credentials_provider(aws_sdk_eksauth::config::Credentials::new(
-                creds.access_key_id.clone(),
-                creds.secret_access_key.clone(),
-                None,
-                None,
-                "pod-identity-agent-dev",
-            ));
-        }
-        let sdk = loader.load().await;
-        if sdk.region().is_none() {
-            return Err(SetupError {
-                flag: "region",
-                message: "no AWS region configured (set --region or AWS_REGION)".into(),
-            });
-        }
+        let sdk = sdk_config(config, false).await?;
         let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk);
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint.clone());
@@ -84,56 +36,26 @@ impl EksAuth {
             cluster_name: config.cluster_name.clone(),
         })
     }
+}
 
-    async fn call(&self, identity: &Identity) -> Result<Credentials, UpstreamError> {
-        let mut attempt = 1;
-        loop {
-            let result = self
+impl Backend for EksAuth {
+    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
+        Box::pin(with_retries(SERVICE, move || async move {
+            let out = self
                 .client
                 .assume_role_for_pod_identity()
                 .cluster_name(&self.cluster_name)
                 .token(identity.token.expose())
                 .send()
-                .await;
-            match result {
-                Ok(out) => return credentials_from(out),
-                Err(e) => {
-                    let err = classify(e);
-                    if attempt >= MAX_ATTEMPTS || !err.kind.is_transient() {
-                        return Err(err);
-                    }
-                    tracing::debug!(attempt, code = %err.code, "retrying EKS Auth call");
-                    attempt += 1;
-                    tokio::time::sleep(RETRY_DELAY).await;
-                }
-            }
-        }
-    }
-}
-
-impl Backend for EksAuth {
-    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
-        Box::pin(async move {
-            match tokio::time::timeout(OPERATION_TIMEOUT, self.call(identity)).await {
-                Ok(result) => result,
-                Err(_) => Err(UpstreamError::new(
-                    FailureKind::Timeout,
-                    "UpstreamTimeout",
-                    "EKS Auth did not answer in time",
-                )),
-            }
-        })
+                .await
+                .map_err(|e| classify(e, &POLICY))?;
+            credentials_from(out)
+        }))
     }
 }
 
 fn credentials_from(out: AssumeRoleForPodIdentityOutput) -> Result<Credentials, UpstreamError> {
-    let invalid = |what: &str| {
-        UpstreamError::new(
-            FailureKind::InvalidResponse,
-            "InvalidUpstreamResponse",
-            format!("EKS Auth response {what}"),
-        )
-    };
+    let invalid = |what: &str| invalid_response(SERVICE, what);
     let creds = out
         .credentials()
         .ok_or_else(|| invalid("has no credentials"))?;
@@ -158,82 +80,4 @@ fn credentials_from(out: AssumeRoleForPodIdentityOutput) -> Result<Credentials, 
         account_id: account_id.to_owned(),
         expiration,
     })
-}
-
-fn bounded(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_MESSAGE_LEN)
-        .collect()
-}
-
-fn classify<R>(err: SdkError<AssumeRoleForPodIdentityError, R>) -> UpstreamError
-where
-    R: std::fmt::Debug + HasStatus,
-{
-    match &err {
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status_code();
-            let e = se.err();
-            let code = e
-                .code()
-                .map(bounded)
-                .unwrap_or_else(|| "UnknownError".into());
-            let message = e.message().map(bounded).unwrap_or_default();
-            let kind = if code == "ThrottlingException" || status == 429 {
-                FailureKind::Throttled
-            } else if status >= 500 {
-                FailureKind::Server { status }
-            } else if (400..500).contains(&status) {
-                FailureKind::Rejected { status }
-            } else {
-                FailureKind::InvalidResponse
-            };
-            UpstreamError::new(kind, code, message)
-        }
-        SdkError::TimeoutError(_) => UpstreamError::new(
-            FailureKind::Timeout,
-            "UpstreamTimeout",
-            "EKS Auth did not answer in time",
-        ),
-        SdkError::DispatchFailure(d) if d.is_timeout() => UpstreamError::new(
-            FailureKind::Timeout,
-            "UpstreamTimeout",
-            "EKS Auth did not answer in time",
-        ),
-        SdkError::DispatchFailure(d) if d.is_user() || d.is_other() => UpstreamError::new(
-            FailureKind::Internal,
-            "UpstreamRequestFailed",
-            bounded(&DisplayErrorContext(&err).to_string()),
-        ),
-        SdkError::DispatchFailure(_) => UpstreamError::new(
-            FailureKind::Unreachable,
-            "UpstreamUnreachable",
-            format!(
-                "could not reach EKS Auth: {}",
-                bounded(&DisplayErrorContext(&err).to_string())
-            ),
-        ),
-        SdkError::ResponseError(_) => UpstreamError::new(
-            FailureKind::InvalidResponse,
-            "InvalidUpstreamResponse",
-            "EKS Auth sent a response that could not be read",
-        ),
-        _ => UpstreamError::new(
-            FailureKind::Internal,
-            "UpstreamRequestFailed",
-            bounded(&DisplayErrorContext(&err).to_string()),
-        ),
-    }
-}
-
-/// The raw response's status, abstracted so [`classify`] can be unit-tested.
-pub trait HasStatus {
-    fn status_code(&self) -> u16;
-}
-
-impl HasStatus for aws_sdk_eksauth::config::http::HttpResponse {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
-    }
 }

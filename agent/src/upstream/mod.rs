@@ -4,6 +4,7 @@
 //! in wire format while sharing single-flight, caching and error handling.
 
 pub mod eks_auth;
+pub mod sts;
 
 use std::fmt;
 use std::future::Future;
@@ -11,7 +12,198 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_eksauth::config::http::HttpResponse;
+use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::config::Config;
 use crate::token::Identity;
+
+// The SDKs' own retries are turned off and replaced by MAX_ATTEMPTS explicit attempts inside
+// OPERATION_TIMEOUT: a pod's SDK gives up on us after 1 s (JS) or 2 s (botocore) per attempt
+// and retries on its own, so the agent must answer within the contract's 5 s even when the
+// upstream hangs, and must not multiply a throttled call into more calls.
+
+/// TCP+TLS connect budget; a healthy regional endpoint connects in tens of milliseconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// One attempt; EKS Auth and STS answer in well under a second when healthy.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Whole call, retries included: below the contract's 5 s for a failing fresh request.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_millis(4500);
+/// One retry for transient failures (5xx, timeouts, broken connections); never for throttling.
+const MAX_ATTEMPTS: u32 = 2;
+/// Pause before the retry.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Upstream messages are shown to pods; keep them bounded.
+const MAX_MESSAGE_LEN: usize = 512;
+
+/// A configuration problem found while setting up a backend (exit 64).
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct SetupError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+/// The AWS SDK configuration both backends start from: explicit timeouts, no SDK retries,
+/// the region from `--region` or the SDK's chain.
+async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkConfig, SetupError> {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .retry_config(RetryConfig::disabled());
+    if let Some(region) = &config.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if anonymous {
+        loader = loader.no_credentials();
+    } else if let Some(creds) = &config.static_upstream_credentials {
+        loader = loader.credentials_provider(aws_sdk_eksauth::config::Credentials::new(
+            creds.access_key_id.clone(),
+            creds.secret_access_key.clone(),
+            None,
+            None,
+            "pod-identity-agent-dev",
+        ));
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_none() {
+        return Err(SetupError {
+            flag: "region",
+            message: "no AWS region configured (set --region or AWS_REGION)".into(),
+        });
+    }
+    Ok(sdk)
+}
+
+/// Run `attempt` up to [`MAX_ATTEMPTS`] times for transient failures, all within
+/// [`OPERATION_TIMEOUT`].
+async fn with_retries<F, Fut>(
+    service: &'static str,
+    mut attempt: F,
+) -> Result<Credentials, UpstreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Credentials, UpstreamError>>,
+{
+    let calls = async {
+        let mut n = 1;
+        loop {
+            match attempt().await {
+                Ok(creds) => return Ok(creds),
+                Err(err) if n < MAX_ATTEMPTS && err.kind.is_transient() => {
+                    tracing::debug!(attempt = n, service, code = %err.code, "retrying upstream call");
+                    n += 1;
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    };
+    match tokio::time::timeout(OPERATION_TIMEOUT, calls).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::new(
+            FailureKind::Timeout,
+            "UpstreamTimeout",
+            format!("{service} did not answer in time"),
+        )),
+    }
+}
+
+fn bounded(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_MESSAGE_LEN)
+        .collect()
+}
+
+/// Which error codes of a service mean what.
+struct CodePolicy {
+    service: &'static str,
+    throttling: &'static [&'static str],
+    /// Modeled errors worth one retry (besides 5xx and transport failures).
+    transient: &'static [&'static str],
+}
+
+/// Classify an SDK error once, for both the status a pod sees and the cache's decisions.
+fn classify<E>(err: SdkError<E, HttpResponse>, policy: &CodePolicy) -> UpstreamError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let service = policy.service;
+    match &err {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let e = se.err();
+            let code = e
+                .code()
+                .map(bounded)
+                .unwrap_or_else(|| "UnknownError".into());
+            let message = e.message().map(bounded).unwrap_or_default();
+            let kind = if policy.throttling.contains(&code.as_str()) || status == 429 {
+                FailureKind::Throttled
+            } else if policy.transient.contains(&code.as_str()) {
+                // The upstream's own dependency failed (e.g. STS reaching the IdP): a gateway error.
+                FailureKind::Server { status: 502 }
+            } else if status >= 500 {
+                FailureKind::Server { status }
+            } else if (400..500).contains(&status) {
+                FailureKind::Rejected { status }
+            } else {
+                FailureKind::InvalidResponse
+            };
+            UpstreamError::new(kind, code, message)
+        }
+        SdkError::TimeoutError(_) => UpstreamError::new(
+            FailureKind::Timeout,
+            "UpstreamTimeout",
+            format!("{service} did not answer in time"),
+        ),
+        SdkError::DispatchFailure(d) if d.is_timeout() => UpstreamError::new(
+            FailureKind::Timeout,
+            "UpstreamTimeout",
+            format!("{service} did not answer in time"),
+        ),
+        SdkError::DispatchFailure(d) if d.is_user() || d.is_other() => UpstreamError::new(
+            FailureKind::Internal,
+            "UpstreamRequestFailed",
+            bounded(&DisplayErrorContext(&err).to_string()),
+        ),
+        SdkError::DispatchFailure(_) => UpstreamError::new(
+            FailureKind::Unreachable,
+            "UpstreamUnreachable",
+            format!(
+                "could not reach {service}: {}",
+                bounded(&DisplayErrorContext(&err).to_string())
+            ),
+        ),
+        SdkError::ResponseError(_) => UpstreamError::new(
+            FailureKind::InvalidResponse,
+            "InvalidUpstreamResponse",
+            format!("{service} sent a response that could not be read"),
+        ),
+        _ => UpstreamError::new(
+            FailureKind::Internal,
+            "UpstreamRequestFailed",
+            bounded(&DisplayErrorContext(&err).to_string()),
+        ),
+    }
+}
+
+/// An unusable 200 from `service`.
+fn invalid_response(service: &str, what: &str) -> UpstreamError {
+    UpstreamError::new(
+        FailureKind::InvalidResponse,
+        "InvalidUpstreamResponse",
+        format!("{service} response {what}"),
+    )
+}
 
 /// A secret string (secret access key, session token). `Debug`/`Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -128,6 +320,12 @@ pub type FetchFuture<'a> =
 
 /// A source of role credentials for a pod's identity.
 pub trait Backend: Send + Sync + 'static {
+    /// Refuse, before any cache or upstream work, an identity this backend will never serve
+    /// (the STS backend: no association for its service account).
+    fn admit(&self, _identity: &Identity) -> Result<(), UpstreamError> {
+        Ok(())
+    }
+
     /// Exchange the identity's token for credentials. Implementations bound their own time
     /// (the caller adds an outer deadline as well).
     fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a>;
