@@ -206,20 +206,32 @@ pub struct ServerArgs {
     /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
     #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
     pub rotate_credentials: bool,
+    /// Check the flags and exit: 0 if valid, 64 naming the flag if not. Nothing is bound or read.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InitializeArgs {
-    #[arg(long, default_value = "pod-id-link0")]
-    pub link_name: String,
+    /// Link to create (a `dummy` link; `lo` is used where the kernel has no dummy driver).
     #[arg(
         long,
+        env = "POD_IDENTITY_AGENT_LINK_NAME",
+        default_value = "pod-id-link0"
+    )]
+    pub link_name: String,
+    /// Addresses with prefix length; comma-separated or repeated.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_ADDRESSES",
         value_delimiter = ',',
         default_value = "169.254.170.23/32,fd00:ec2::23/128"
     )]
     pub addresses: Vec<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod shutdown;
 pub mod token;
 pub mod upstream;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::Parser;
 use pod_identity_agent::config::{Cli, Command, EXIT_USAGE};
-use pod_identity_agent::{logging, shutdown, Agent};
+use pod_identity_agent::{logging, netlink, shutdown, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(9500);
@@ -59,10 +59,15 @@ fn main() -> ExitCode {
             if let Err(e) = logging::init(&args.log) {
                 return usage_error(e);
             }
+            let dry_run = args.dry_run;
             let config = match args.into_config() {
                 Ok(c) => c,
                 Err(e) => return usage_error(e),
             };
+            if dry_run {
+                println!("pod-identity-agent: configuration is valid");
+                return ExitCode::SUCCESS;
+            }
             runtime.block_on(async move {
                 let agent = match Agent::start(config).await {
                     Ok(a) => a,
@@ -97,6 +102,38 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Initialize(_) => usage_error("initialize: not supported yet"),
+        Command::Initialize(args) => {
+            if let Err(e) = logging::init(&args.log) {
+                return usage_error(e);
+            }
+            match runtime.block_on(netlink::initialize(&args.link_name, &args.addresses)) {
+                Ok(report) => {
+                    let list = |ips: &[std::net::IpAddr]| {
+                        ips.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    let how = if report.fell_back_to_loopback {
+                        "fell back to lo: the kernel has no dummy link driver"
+                    } else if report.link_created {
+                        "created the dummy link"
+                    } else {
+                        "link already existed"
+                    };
+                    println!(
+                        "pod-identity-agent initialize: link {} ({how}); added [{}]; already present [{}]",
+                        report.link,
+                        list(&report.added),
+                        list(&report.already_present)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pod-identity-agent initialize: {e}");
+                    exit(e.exit_code())
+                }
+            }
+        }
     }
 }

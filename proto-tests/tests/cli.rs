@@ -54,8 +54,14 @@ fn bad_flags_exit_64_naming_the_flag() {
             &["--cluster-name", "c", "--endpoint", "not a url"],
             "--endpoint",
         ),
-        (&["--cluster-name", "c", "--backend", "sts"], "--associations"),
-        (&["--backend", "sts", "--associations", "/a.yaml"], "--backend"),
+        (
+            &["--cluster-name", "c", "--backend", "sts"],
+            "--associations",
+        ),
+        (
+            &["--backend", "sts", "--associations", "/a.yaml"],
+            "--backend",
+        ),
         (
             &["--cluster-name", "c", "--log-level", "info,=[="],
             "--log-level",
@@ -73,6 +79,24 @@ fn bad_flags_exit_64_naming_the_flag() {
         assert_eq!(lines.len(), 1, "{args:?}: one line expected, got {stderr}");
         assert!(lines[0].contains(flag), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn dry_run_checks_flags_without_binding() {
+    // Port 80 on a link-local address would need privileges and an interface: a dry run
+    // must not try.
+    let (code, stderr) = run(&["server", "--cluster-name", "c", "--dry-run"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = run(&[
+        "server",
+        "--cluster-name",
+        "c",
+        "--dry-run",
+        "--port",
+        "eighty",
+    ]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--port"), "{stderr}");
 }
 
 #[test]
