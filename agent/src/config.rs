@@ -206,6 +206,9 @@ pub struct ServerArgs {
     /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
     #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
     pub rotate_credentials: bool,
+    /// How often --rotate-credentials re-reads the shared credentials file.
+    #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub rotate_credentials_interval: Duration,
     /// Check the flags and exit: 0 if valid, 64 naming the flag if not. Nothing is bound or read.
     #[arg(long)]
     pub dry_run: bool,
@@ -250,6 +253,52 @@ pub enum KeySource {
     Url(Uri),
     /// OIDC discovery from the issuer.
     Discovery(Uri),
+    /// The API server of the cluster the agent runs in, with the pod's service account.
+    InCluster(InCluster),
+}
+
+/// The in-cluster API server and the mounted service-account credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InCluster {
+    /// `https://<KUBERNETES_SERVICE_HOST>:<KUBERNETES_SERVICE_PORT>`.
+    pub api: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// Where Kubernetes mounts a pod's service-account token and CA.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl InCluster {
+    /// The API server this process can reach as a pod, if it runs in one: the
+    /// `KUBERNETES_SERVICE_*` variables the kubelet sets and a mounted service-account token
+    /// (`POD_IDENTITY_AGENT_SERVICE_ACCOUNT_DIR` overrides the mount point).
+    pub fn detect() -> Option<InCluster> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "443".into());
+        let dir = std::env::var_os("POD_IDENTITY_AGENT_SERVICE_ACCOUNT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR));
+        let token_file = dir.join("token");
+        if !token_file.is_file() {
+            return None;
+        }
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(InCluster {
+            api: format!("https://{host}:{port}"),
+            token_file,
+            ca_file: dir.join("ca.crt"),
+        })
+    }
 }
 
 /// Static credentials for the agent's own upstream calls, used by `dev` only; the daemon takes
@@ -295,6 +344,8 @@ pub struct Config {
     pub max_upstream_concurrency: usize,
     pub limits: RequestLimits,
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
+    /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
+    pub rotate_credentials: Option<Duration>,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -337,8 +388,14 @@ fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ServerArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if self.rotate_credentials {
-            return Err(bad("rotate-credentials", "not supported yet"));
+        if self.rotate_credentials && self.backend == BackendKind::Sts {
+            return Err(bad(
+                "rotate-credentials",
+                "the sts backend uses no credentials of its own",
+            ));
+        }
+        if self.rotate_credentials_interval < Duration::from_secs(1) {
+            return Err(bad("rotate-credentials-interval", "must be at least 1s"));
         }
         let (cluster_name, associations, sts_endpoint) = match self.backend {
             BackendKind::EksAuth => {
@@ -360,7 +417,11 @@ impl ServerArgs {
                     .associations
                     .clone()
                     .ok_or_else(|| bad("associations", "required for the sts backend"))?;
-                if self.jwks_file.is_none() && self.jwks_url.is_none() && self.issuer.is_none() {
+                if self.jwks_file.is_none()
+                    && self.jwks_url.is_none()
+                    && self.issuer.is_none()
+                    && InCluster::detect().is_none()
+                {
                     return Err(bad(
                         "backend",
                         "the sts backend needs local token verification (--jwks-file, --jwks-url or --issuer)",
@@ -433,7 +494,7 @@ impl ServerArgs {
             (None, Some(url)) => Some(KeySource::Url(parse_http_url("jwks-url", url)?)),
             (None, None) => match &issuer {
                 Some(iss) => Some(KeySource::Discovery(parse_http_url("issuer", iss)?)),
-                None => None,
+                None => InCluster::detect().map(KeySource::InCluster),
             },
         };
         let audiences: Vec<String> = self
@@ -506,6 +567,9 @@ impl ServerArgs {
                 global_burst: self.global_burst,
             },
             static_upstream_credentials: None,
+            rotate_credentials: self
+                .rotate_credentials
+                .then_some(self.rotate_credentials_interval),
         })
     }
 }
@@ -571,6 +635,7 @@ impl Default for Config {
             max_upstream_concurrency: 32,
             limits: RequestLimits::default(),
             static_upstream_credentials: None,
+            rotate_credentials: None,
         }
     }
 }

@@ -160,13 +160,15 @@ pub struct KeyStore {
     loaded_tx: watch::Sender<bool>,
     /// Bumped on every key set installed, so results verified against an older set expire.
     generation: AtomicU64,
+    discovered_issuer: RwLock<Option<String>>,
 }
 
 impl KeyStore {
     pub fn new(source: KeySource, metrics: Metrics) -> Result<Arc<KeyStore>, KeysError> {
-        let http = match source {
+        let http = match &source {
             KeySource::File(_) => None,
             KeySource::Url(_) | KeySource::Discovery(_) => Some(HttpFetcher::new()?),
+            KeySource::InCluster(c) => Some(HttpFetcher::with_ca(&c.ca_file)?),
         };
         let (loaded_tx, _) = watch::channel(false);
         Ok(Arc::new(KeyStore {
@@ -177,6 +179,7 @@ impl KeyStore {
             metrics,
             loaded_tx,
             generation: AtomicU64::new(0),
+            discovered_issuer: RwLock::new(None),
         }))
     }
 
@@ -191,6 +194,7 @@ impl KeyStore {
             metrics,
             loaded_tx,
             generation: AtomicU64::new(1),
+            discovered_issuer: RwLock::new(None),
         })
     }
 
@@ -279,6 +283,7 @@ impl KeyStore {
         match &self.source {
             Some(KeySource::File(p)) => p.display().to_string(),
             Some(KeySource::Url(u) | KeySource::Discovery(u)) => u.to_string(),
+            Some(KeySource::InCluster(c)) => format!("{}/openid/v1/jwks", c.api),
             None => "fixed".into(),
         }
     }
@@ -288,12 +293,47 @@ impl KeyStore {
         match &self.source {
             Some(KeySource::File(path)) => KeySet::from_jwks(&read_bounded(path).await?),
             Some(KeySource::Url(uri)) => KeySet::from_jwks(&http()?.get(uri).await?),
+            Some(KeySource::InCluster(c)) => self.load_in_cluster(http()?, c).await,
             Some(KeySource::Discovery(issuer)) => {
                 let jwks_uri = self.discover(http()?, issuer).await?;
                 KeySet::from_jwks(&http()?.get(&jwks_uri).await?)
             }
             None => Err(KeysError::NotLoaded),
         }
+    }
+
+    /// The API server's own key set, `/openid/v1/jwks`, read with the pod's service-account
+    /// token (re-read each time: the kubelet rotates it) and checked against the mounted CA.
+    /// The discovery document's `issuer` becomes the expected `iss` unless `--issuer` is set.
+    async fn load_in_cluster(
+        &self,
+        http: &HttpFetcher,
+        c: &crate::config::InCluster,
+    ) -> Result<KeySet, KeysError> {
+        let token = tokio::fs::read_to_string(&c.token_file)
+            .await
+            .map_err(|e| KeysError::Read(c.token_file.display().to_string(), e.to_string()))?;
+        let bearer = Some(token.trim());
+        let parse = |path: &str| -> Result<Uri, KeysError> {
+            format!("{}{path}", c.api)
+                .parse()
+                .map_err(|_| KeysError::Invalid(format!("bad API server URL {}", c.api)))
+        };
+        let discovery = http
+            .get_with(&parse("/.well-known/openid-configuration")?, bearer)
+            .await?;
+        let issuer = serde_json::from_slice::<serde_json::Value>(&discovery)
+            .ok()
+            .and_then(|v| v.get("issuer")?.as_str().map(str::to_owned));
+        if let Ok(mut slot) = self.discovered_issuer.write() {
+            *slot = issuer;
+        }
+        KeySet::from_jwks(&http.get_with(&parse("/openid/v1/jwks")?, bearer).await?)
+    }
+
+    /// The issuer the API server announced (in-cluster discovery only).
+    pub fn discovered_issuer(&self) -> Option<String> {
+        self.discovered_issuer.read().ok().and_then(|i| i.clone())
     }
 
     /// `<issuer>/.well-known/openid-configuration` -> `jwks_uri`.
@@ -347,7 +387,7 @@ impl KeyStore {
                     }
                     FILE_POLL_INTERVAL
                 }
-                KeySource::Url(_) | KeySource::Discovery(_) => {
+                KeySource::Url(_) | KeySource::Discovery(_) | KeySource::InCluster(_) => {
                     let reason = if self.is_loaded() { "poll" } else { "startup" };
                     match self.reload(reason).await {
                         Ok(_) => URL_POLL_INTERVAL,
@@ -396,6 +436,35 @@ impl HttpFetcher {
         ))
     }
 
+    /// HTTPS trusting only the CA certificates in `ca_file` (the cluster's CA).
+    fn with_ca(ca_file: &Path) -> Result<HttpFetcher, KeysError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let err = |e: String| KeysError::Read(ca_file.display().to_string(), e);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))? {
+            roots
+                .add(cert.map_err(|e| err(e.to_string()))?)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(err("no CA certificate in the file".into()));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self::from_connector(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .enable_http1()
+                .build(),
+        ))
+    }
+
     fn from_connector(connector: Connector) -> HttpFetcher {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -404,11 +473,17 @@ impl HttpFetcher {
     }
 
     async fn get(&self, uri: &Uri) -> Result<Vec<u8>, KeysError> {
+        self.get_with(uri, None).await
+    }
+
+    async fn get_with(&self, uri: &Uri, bearer: Option<&str>) -> Result<Vec<u8>, KeysError> {
         let err = |e: String| KeysError::Fetch(uri.to_string(), e);
-        let req = hyper::Request::get(uri.clone())
-            .header(hyper::header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| err(e.to_string()))?;
+        let mut req =
+            hyper::Request::get(uri.clone()).header(hyper::header::ACCEPT, "application/json");
+        if let Some(token) = bearer {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Empty::new()).map_err(|e| err(e.to_string()))?;
         let resp = self
             .client
             .request(req)

@@ -276,7 +276,7 @@ impl Verifier {
             Err(e) => return Err(TokenError::KeysUnavailable(e.to_string())),
         };
         let key_generation = keys.generation();
-        let validation = self.validation(alg);
+        let validation = self.validation(alg, keys.discovered_issuer());
         let mut last_err = TokenError::Signature;
         for key in candidates.iter() {
             match jsonwebtoken::decode::<Claims>(raw, key, &validation) {
@@ -307,14 +307,14 @@ impl Verifier {
         Err(last_err)
     }
 
-    fn validation(&self, alg: Algorithm) -> Validation {
+    fn validation(&self, alg: Algorithm, discovered_issuer: Option<String>) -> Validation {
         let mut v = Validation::new(alg);
         v.leeway = LEEWAY.as_secs();
         v.validate_exp = true;
         v.validate_nbf = true;
         v.set_audience(&self.audiences);
         let mut required = vec!["exp", "aud", "sub"];
-        if let Some(iss) = &self.issuer {
+        if let Some(iss) = self.issuer.clone().or(discovered_issuer) {
             v.set_issuer(&[iss]);
             required.push("iss");
         }

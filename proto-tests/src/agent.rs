@@ -123,10 +123,63 @@ pub fn target_binary(name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
+/// Where the agent gets credentials from, and the flags that say so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The default backend: `--endpoint <url>` is the EKS Auth override.
+    EksAuth { endpoint: String },
+    /// `--backend sts [--sts-endpoint <url>] [--associations <file>]`, and no
+    /// `--endpoint` (an EKS Auth override means nothing to this backend).
+    Sts {
+        endpoint: Option<String>,
+        associations: Option<PathBuf>,
+    },
+}
+
+impl Backend {
+    fn args(&self) -> Vec<OsString> {
+        match self {
+            Backend::EksAuth { endpoint } => vec!["--endpoint".into(), endpoint.into()],
+            Backend::Sts {
+                endpoint,
+                associations,
+            } => {
+                let mut args: Vec<OsString> = vec!["--backend".into(), "sts".into()];
+                if let Some(endpoint) = endpoint {
+                    args.extend(["--sts-endpoint".into(), endpoint.into()]);
+                }
+                if let Some(path) = associations {
+                    args.extend(["--associations".into(), path.into()]);
+                }
+                args
+            }
+        }
+    }
+}
+
+/// How an agent that was expected to refuse its configuration ended.
+#[derive(Clone, Debug)]
+pub struct Exited {
+    /// `None`: killed by a signal, or still running at the deadline (and then killed).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exited {
+    /// The non-blank lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
 /// Configures and starts an [`Agent`].
 #[derive(Clone, Debug)]
 pub struct AgentBuilder {
-    endpoint: String,
+    backend: Backend,
     bind_hosts: String,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
@@ -136,13 +189,42 @@ pub struct AgentBuilder {
 impl AgentBuilder {
     /// An agent whose EKS Auth endpoint is `endpoint` (a fake's URL).
     pub fn new(endpoint: impl Into<String>) -> Self {
-        Self {
+        Self::with_backend(Backend::EksAuth {
             endpoint: endpoint.into(),
+        })
+    }
+
+    /// An agent with `--backend sts --sts-endpoint <sts_endpoint>` and no
+    /// `--endpoint`. The backend also needs [`AgentBuilder::associations`]
+    /// (and a key source) to start.
+    pub fn sts(sts_endpoint: impl Into<String>) -> Self {
+        Self::with_backend(Backend::Sts {
+            endpoint: Some(sts_endpoint.into()),
+            associations: None,
+        })
+    }
+
+    pub fn with_backend(backend: Backend) -> Self {
+        Self {
+            backend,
             bind_hosts: "127.0.0.1".to_owned(),
             args: Vec::new(),
             env: Vec::new(),
             wait_ready: true,
         }
+    }
+
+    /// `--associations <path>` (sts backend only; panics otherwise).
+    pub fn associations(mut self, path: impl Into<PathBuf>) -> Self {
+        match &mut self.backend {
+            Backend::Sts { associations, .. } => *associations = Some(path.into()),
+            Backend::EksAuth { .. } => panic!("--associations is a flag of the sts backend"),
+        }
+        self
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Replace the default `--bind-hosts 127.0.0.1`.
@@ -195,8 +277,6 @@ impl AgentBuilder {
             "127.0.0.1",
             "--metrics-port",
             "0",
-            "--endpoint",
-            &self.endpoint,
             "--region",
             REGION,
             "--log-format",
@@ -205,8 +285,59 @@ impl AgentBuilder {
         .into_iter()
         .map(OsString::from)
         .collect();
+        args.extend(self.backend.args());
         args.extend(self.args.iter().cloned());
         args
+    }
+
+    /// The agent's command, with the environment described at
+    /// [`AgentBuilder::start`] and piped output.
+    fn command(&self, bin: &std::path::Path) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args(self.command_line())
+            .env_clear()
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in ["PATH", "RUST_LOG"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Run an agent that is expected to exit by itself (a configuration it
+    /// must refuse) and collect its output. An agent still running after
+    /// `timeout` is killed and reported with `code: None`.
+    pub async fn run_to_exit(self, timeout: Duration) -> Exited {
+        let bin = agent_binary();
+        let mut cmd = tokio::process::Command::from(self.command(&bin));
+        cmd.kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => Exited {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            },
+            Ok(Err(e)) => panic!("wait for {}: {e}", bin.display()),
+            // Dropping the future drops the child, which kills it.
+            Err(_) => Exited {
+                code: None,
+                stdout: String::new(),
+                stderr: format!("(still running after {timeout:?}; killed)"),
+            },
+        }
     }
 
     /// Spawn the agent and wait (bounded) until it has announced its
@@ -225,24 +356,7 @@ impl AgentBuilder {
             bin.display()
         );
         let args = self.command_line();
-        let mut cmd = Command::new(&bin);
-        cmd.args(&args)
-            .env_clear()
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for var in ["PATH", "RUST_LOG"] {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut cmd = self.command(&bin);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
@@ -635,5 +749,27 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--endpoint", "http://127.0.0.1:9"]));
         assert_eq!(&args[args.len() - 2..], ["--cache-scope", "association"]);
+        assert!(!args.iter().any(|a| a == "--backend"));
+    }
+
+    #[test]
+    fn sts_command_line_has_no_eks_auth_endpoint() {
+        let args: Vec<_> = AgentBuilder::sts("http://127.0.0.1:9")
+            .associations("/tmp/a.yaml")
+            .arg("--jwks-file")
+            .arg("/tmp/jwks.json")
+            .command_line()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(!args.iter().any(|a| a == "--endpoint"), "{args:?}");
+        for pair in [
+            ["--backend", "sts"],
+            ["--sts-endpoint", "http://127.0.0.1:9"],
+            ["--associations", "/tmp/a.yaml"],
+        ] {
+            assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+        }
+        assert_eq!(&args[args.len() - 2..], ["--jwks-file", "/tmp/jwks.json"]);
     }
 }

@@ -1,13 +1,15 @@
 //! Checks shared by the test files, each failing with the whole response so a
 //! failure explains itself.
 
-use crate::fakes::eks_auth::{FakeEksAuth, IssuedCredentials, ACCOUNT_ID};
+use crate::fakes::eks_auth::IssuedCredentials;
+use crate::fakes::CredentialIssuer;
 use crate::http::RawResponse;
 
 /// A 200 carrying exactly `issued`, in the contract's shape:
 /// `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` with
 /// `Expiration` in RFC 3339 UTC (`Z`), `Content-Type: application/json` and
-/// `Cache-Control: no-store`.
+/// `Cache-Control: no-store`. `AccountId` is the account of the assumed-role
+/// ARN the upstream returned.
 pub fn assert_credentials(response: &RawResponse, issued: &IssuedCredentials) {
     assert_eq!(response.status, 200, "expected credentials: {response:?}");
     let content_type = response.header("content-type").unwrap_or_default();
@@ -31,7 +33,8 @@ pub fn assert_credentials(response: &RawResponse, issued: &IssuedCredentials) {
     assert_eq!(field("AccessKeyId"), issued.access_key_id, "{response:?}");
     assert_eq!(field("SecretAccessKey"), issued.secret_access_key);
     assert_eq!(field("Token"), issued.session_token);
-    assert_eq!(field("AccountId"), ACCOUNT_ID, "{response:?}");
+    let account = issued.role_arn.split(':').nth(4).unwrap_or_default();
+    assert_eq!(field("AccountId"), account, "{response:?}");
     let expiration = field("Expiration");
     let parsed = parse_rfc3339_utc(expiration).unwrap_or_else(|| {
         panic!("Expiration {expiration:?} is not RFC 3339 UTC ending in Z: {response:?}")
@@ -44,8 +47,8 @@ pub fn assert_credentials(response: &RawResponse, issued: &IssuedCredentials) {
 }
 
 /// The only credentials the fake issued so far (there must be exactly one).
-pub fn only_issued(upstream: &FakeEksAuth) -> IssuedCredentials {
-    let issued = upstream.issued();
+pub fn only_issued(upstream: &impl CredentialIssuer) -> IssuedCredentials {
+    let issued = upstream.issued_credentials();
     assert_eq!(
         issued.len(),
         1,

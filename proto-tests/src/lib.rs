@@ -5,7 +5,12 @@
 //!
 //! - [`fakes::eks_auth`]: EKS Auth `AssumeRoleForPodIdentity` (restJson1), with
 //!   call counters, injectable latency and faults;
+//! - [`fakes::sts`]: STS `AssumeRoleWithWebIdentity` (Query protocol, XML),
+//!   for the agent's sts backend, with the same counters and faults;
+//! - [`fakes::moto`]: moto's standalone server, a third-party STS emulator;
 //! - [`fakes::jwks`]: a JWKS document and OIDC discovery endpoint.
+//!
+//! The sts backend reads an associations file, written by [`associations`].
 //!
 //! Tokens are minted by [`keys`] with keys generated at run time, requests are
 //! sent with the byte-exact client in [`http`] (so tests can send what a real
@@ -19,6 +24,7 @@
 
 pub mod agent;
 pub mod assertions;
+pub mod associations;
 pub mod clients;
 pub mod fakes;
 pub mod http;
@@ -27,7 +33,10 @@ pub mod metrics;
 pub mod testbed;
 
 pub use agent::{Agent, AgentBuilder};
+pub use associations::Association;
 pub use fakes::eks_auth::{FakeEksAuth, Fault, IssuedCredentials};
 pub use fakes::jwks::FakeJwks;
+pub use fakes::moto::Moto;
+pub use fakes::sts::{FakeSts, StsFault};
 pub use keys::{Pod, SigningKey, TestKeys, TokenBuilder};
-pub use testbed::TestBed;
+pub use testbed::{StsTestBed, TestBed};

@@ -47,6 +47,57 @@ pub fn sum(text: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
+/// The label pairs of a series as written, `name{a="b",c="d"}` ->
+/// `[("a","b"),("c","d")]`, with `\"`, `\\` and `\n` unescaped.
+pub fn labels(series: &str) -> Vec<(String, String)> {
+    let Some(body) = series
+        .split_once('{')
+        .and_then(|(_, rest)| rest.strip_suffix('}'))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        let name: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if name.is_empty() || chars.next() != Some('=') || chars.next() != Some('"') {
+            return out;
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next() {
+                None => return out,
+                Some('"') => break,
+                Some('\\') => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => return out,
+                },
+                Some(c) => value.push(c),
+            }
+        }
+        out.push((name.trim().to_owned(), value));
+    }
+}
+
+/// The sum over the series of metric `name` that carry every label in
+/// `matching` (other labels may vary); `None` if no series matches.
+pub fn sum_where(text: &str, name: &str, matching: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = samples(text)
+        .into_iter()
+        .filter(|(s, _)| metric_name(s) == name)
+        .filter(|(s, _)| {
+            let labels = labels(s);
+            matching
+                .iter()
+                .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, v)| v)
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// Whether metric `name` has at least one series (or a `# TYPE` line).
 pub fn has_metric(text: &str, name: &str) -> bool {
     sum(text, name).is_some()
@@ -82,5 +133,22 @@ mod tests {
         );
         assert_eq!(sum(TEXT, "pod_identity_agent_missing"), None);
         assert!(has_metric(TEXT, "pod_identity_agent_requests_total"));
+    }
+
+    #[test]
+    fn label_matching() {
+        assert_eq!(
+            labels(r#"m{a="x y",b="q\"uote",c="back\\slash"}"#),
+            vec![
+                ("a".to_owned(), "x y".to_owned()),
+                ("b".to_owned(), "q\"uote".to_owned()),
+                ("c".to_owned(), "back\\slash".to_owned()),
+            ]
+        );
+        assert!(labels("m").is_empty());
+        let name = "pod_identity_agent_requests_total";
+        assert_eq!(sum_where(TEXT, name, &[("code", "403")]), Some(2.0));
+        assert_eq!(sum_where(TEXT, name, &[]), Some(5.0));
+        assert_eq!(sum_where(TEXT, name, &[("code", "500")]), None);
     }
 }

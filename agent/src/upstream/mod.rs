@@ -57,12 +57,15 @@ async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkC
         .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
-        .retry_config(RetryConfig::disabled());
+        .retry_config(RetryConfig::disabled())
+        .http_client(http_client_with_proxy_from_env());
     if let Some(region) = &config.region {
         loader = loader.region(Region::new(region.clone()));
     }
     if anonymous {
         loader = loader.no_credentials();
+    } else if let Some(interval) = config.rotate_credentials {
+        loader = loader.credentials_provider(RotatingSharedFile { interval });
     } else if let Some(creds) = &config.static_upstream_credentials {
         loader = loader.credentials_provider(aws_sdk_eksauth::config::Credentials::new(
             creds.access_key_id.clone(),
@@ -80,6 +83,62 @@ async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkC
         });
     }
     Ok(sdk)
+}
+
+/// The SDK's default HTTPS client, plus `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the
+/// environment: nodes in private subnets often reach AWS only through a proxy, and the SDK's
+/// default client ignores those variables.
+fn http_client_with_proxy_from_env() -> aws_sdk_eksauth::config::SharedHttpClient {
+    use aws_smithy_http_client::{proxy::ProxyConfig, tls, Connector};
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(|settings, components| {
+        let mut builder = Connector::builder().proxy_config(ProxyConfig::from_env());
+        if let Some(settings) = settings {
+            builder = builder.connector_settings(settings.clone());
+        }
+        if let Some(sleep) = components.and_then(|c| c.sleep_impl()) {
+            builder = builder.sleep_impl(sleep);
+        }
+        builder
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build()
+    })
+}
+
+/// `--rotate-credentials`: the node's own credentials come from the shared credentials file
+/// (profile `default`, or `AWS_PROFILE`), re-read every `interval`. On hybrid nodes IAM Roles
+/// Anywhere or SSM rewrites that file, and static credentials would otherwise be cached by
+/// the SDK for ever.
+#[derive(Debug)]
+struct RotatingSharedFile {
+    interval: Duration,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for RotatingSharedFile {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            // A new provider reads the file anew.
+            let creds = aws_config::profile::ProfileFileCredentialsProvider::builder()
+                .build()
+                .provide_credentials()
+                .await?;
+            tracing::debug!(access_key_id = %creds.access_key_id(), "read the shared credentials file");
+            // Expire soon so the SDK's identity cache comes back for the file's next version.
+            Ok(aws_credential_types::Credentials::new(
+                creds.access_key_id(),
+                creds.secret_access_key(),
+                creds.session_token().map(str::to_owned),
+                Some(SystemTime::now() + self.interval),
+                "rotating-shared-credentials-file",
+            ))
+        })
+    }
 }
 
 /// Run `attempt` up to [`MAX_ATTEMPTS`] times for transient failures, all within

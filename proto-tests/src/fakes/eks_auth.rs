@@ -92,6 +92,8 @@ pub struct UpstreamCall {
     pub token: Option<String>,
     /// Whether the request carried a SigV4 `Authorization` header.
     pub sigv4_signed: bool,
+    /// The access key id the request was signed with (`Credential=<id>/...`).
+    pub signing_key_id: Option<String>,
     pub pod_uid: Option<String>,
 }
 
@@ -279,11 +281,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     if req.method() != Method::POST {
         return error(405, "UnknownOperationException", "method not allowed");
     }
-    let sigv4_signed = req
+    let authorization = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256 "));
+        .unwrap_or_default()
+        .to_owned();
+    let sigv4_signed = authorization.starts_with("AWS4-HMAC-SHA256 ");
+    let signing_key_id = authorization
+        .split("Credential=")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .map(str::to_owned);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(400, "SerializationException", "unreadable body"),
@@ -303,6 +312,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             cluster_name: cluster.clone(),
             token: token.clone(),
             sigv4_signed,
+            signing_key_id,
             pod_uid,
         });
         (state.latency, state.fault.clone(), state.lifetime)

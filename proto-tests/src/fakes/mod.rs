@@ -1,9 +1,12 @@
 //! Wire-level fakes of the services the agent calls: real HTTP on loopback,
-//! real JSON, so the agent's own clients (the AWS SDK, its JWKS fetcher) are
-//! exercised unmodified.
+//! real JSON or XML, so the agent's own clients (the AWS SDK, its JWKS
+//! fetcher) are exercised unmodified. [`moto`] runs a third-party emulator
+//! instead, as a second opinion on the STS wire format.
 
 pub mod eks_auth;
 pub mod jwks;
+pub mod moto;
+pub mod sts;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +22,19 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinSet};
+
+/// A fake that hands out credentials, so checks such as
+/// [`crate::assertions::only_issued`] work against either backend.
+pub trait CredentialIssuer {
+    /// Every credential issued so far, in order.
+    fn issued_credentials(&self) -> Vec<eks_auth::IssuedCredentials>;
+}
+
+impl CredentialIssuer for eks_auth::FakeEksAuth {
+    fn issued_credentials(&self) -> Vec<eks_auth::IssuedCredentials> {
+        self.issued()
+    }
+}
 
 /// Stops a fake server (its accept loop and every open connection) when dropped.
 #[derive(Debug)]

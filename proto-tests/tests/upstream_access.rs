@@ -1,0 +1,93 @@
+//! How the agent itself reaches the upstream: hybrid nodes' rotating shared credentials file
+//! (`--rotate-credentials`) and proxies from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+
+use std::time::Duration;
+
+use proto_tests::{Agent, FakeEksAuth, Pod, TestKeys};
+
+fn write_credentials(path: &std::path::Path, key_id: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "[default]\naws_access_key_id = {key_id}\naws_secret_access_key = secret-{key_id}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn rotate_credentials_rereads_the_shared_credentials_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    write_credentials(&creds, "AKIDFIRST");
+    let jwks = dir.path().join("jwks.json");
+    let keys = TestKeys::shared();
+    proto_tests::keys::write_jwks(&jwks, &[&keys.rsa]).unwrap();
+    let upstream = FakeEksAuth::start().await;
+    let agent = Agent::builder(upstream.url())
+        .args([
+            "--rotate-credentials",
+            "--rotate-credentials-interval",
+            "1s",
+            "--jwks-file",
+        ])
+        .arg(&jwks)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+        .start()
+        .await;
+
+    let first = Pod::new("team-a", "app", "app-0").token().sign(&keys.rsa);
+    assert_eq!(agent.fetch_credentials(&first).await.status, 200);
+    // The node's credentials rotate on disk; a later upstream call is signed with the new ones.
+    write_credentials(&creds, "AKIDSECOND");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = Pod::new("team-a", "app", "app-1").token().sign(&keys.rsa);
+    assert_eq!(agent.fetch_credentials(&second).await.status, 200);
+
+    let signers: Vec<Option<String>> = upstream
+        .call_log()
+        .into_iter()
+        .map(|c| c.signing_key_id)
+        .collect();
+    assert_eq!(
+        signers,
+        [Some("AKIDFIRST".to_owned()), Some("AKIDSECOND".to_owned())],
+        "{}",
+        agent.logs_text()
+    );
+}
+
+#[tokio::test]
+async fn upstream_calls_go_through_the_proxy_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let keys = TestKeys::shared();
+    proto_tests::keys::write_jwks(&jwks, &[&keys.rsa]).unwrap();
+    let upstream = FakeEksAuth::start().await;
+    // A forward proxy for plain HTTP receives the request in absolute form and answers it; the
+    // fake serves any absolute-form request by its path, so it can stand in for the proxy.
+    let proxy = FakeEksAuth::start().await;
+    for (no_proxy, via_proxy) in [("", true), ("127.0.0.1", false)] {
+        let agent = Agent::builder(upstream.url())
+            .arg("--jwks-file")
+            .arg(&jwks)
+            .env("HTTP_PROXY", proxy.url())
+            .env("HTTPS_PROXY", proxy.url())
+            .env("NO_PROXY", no_proxy)
+            .start()
+            .await;
+        let token = Pod::new("team-a", "app", &format!("app-{via_proxy}"))
+            .token()
+            .sign(&keys.rsa);
+        let response = agent.fetch_credentials(&token).await;
+        assert_eq!(response.status, 200, "{response:?}\n{}", agent.logs_text());
+        let (through_proxy, direct) = (proxy.calls(), upstream.calls());
+        if via_proxy {
+            assert_eq!((through_proxy, direct), (1, 0), "HTTP_PROXY was not used");
+        } else {
+            assert_eq!((through_proxy, direct), (1, 1), "NO_PROXY was not honoured");
+        }
+    }
+}
