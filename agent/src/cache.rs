@@ -88,6 +88,26 @@ pub fn retry_delay(failures: u32) -> Duration {
     d.mul_f64(0.5 + random_fraction() / 2.0)
 }
 
+/// The end of the fresh period of credentials fetched at `fetched_at` with `lifetime` left:
+/// expiry minus [`EXPIRY_MARGIN`], or minus half the lifetime for short credentials.
+pub(crate) fn fresh_until(fetched_at: Instant, lifetime: Duration) -> Instant {
+    let margin = EXPIRY_MARGIN.min(lifetime / 2);
+    fetched_at + lifetime.saturating_sub(margin)
+}
+
+/// When to refresh: the earlier of the retention limit and `fresh_until`, minus jitter (a
+/// fraction in [0, 1) of a window) so entries filled together do not refresh together.
+pub(crate) fn refresh_point(
+    fetched_at: Instant,
+    fresh_until: Instant,
+    max_retention: Duration,
+    jitter: f64,
+) -> Instant {
+    let point = (fetched_at + max_retention).min(fresh_until);
+    let window = MAX_REFRESH_JITTER.min(point.saturating_duration_since(fetched_at) / 10);
+    point - window.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CacheKey {
     /// A pod, by UID (or by token digest for a verified token without pod claims).
@@ -601,22 +621,21 @@ impl CredentialCache {
 
     fn cache_entry(&self, creds: Arc<Credentials>, now: Instant) -> Cached {
         let lifetime = creds.remaining(SystemTime::now());
-        let margin = EXPIRY_MARGIN.min(lifetime / 2);
         Cached {
             creds,
             fetched_at: now,
             expires_at: now + lifetime,
-            fresh_until: now + lifetime.saturating_sub(margin),
+            fresh_until: fresh_until(now, lifetime),
         }
     }
 
-    /// When to refresh: the earlier of the retention limit and `fresh_until`, minus jitter
-    /// so entries filled together do not refresh together.
     fn refresh_at(&self, cached: &Cached) -> Instant {
-        let point = (cached.fetched_at + self.settings.max_retention).min(cached.fresh_until);
-        let window =
-            MAX_REFRESH_JITTER.min(point.saturating_duration_since(cached.fetched_at) / 10);
-        point - window.mul_f64(random_fraction())
+        refresh_point(
+            cached.fetched_at,
+            cached.fresh_until,
+            self.settings.max_retention,
+            random_fraction(),
+        )
     }
 
     fn schedule(&self, key: CacheKey, slot: &Arc<Slot>, at: Instant, generation: u64) {
@@ -1137,6 +1156,86 @@ mod tests {
             4,
             "no pod was called twice and the bound held"
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn verified(
+            token: &str,
+            ns: &str,
+            sa: &str,
+            uid: Option<&str>,
+            verified: bool,
+        ) -> Identity {
+            let mut id = identity(token, sa, uid);
+            match (&mut id.verified, verified) {
+                (Some(c), true) => c.namespace = ns.into(),
+                (v, _) => *v = None,
+            }
+            id
+        }
+
+        /// (token, namespace, service account, pod uid, verified): small alphabets so that
+        /// equal fields are common and the interesting collisions get tried.
+        fn identity_parts() -> impl Strategy<Value = (String, String, String, Option<String>, bool)>
+        {
+            (
+                "[ab]{1,2}",
+                "[a:/-]{0,3}",
+                "[a:/-]{0,3}",
+                proptest::option::of("[a1]{0,2}"),
+                any::<bool>(),
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn refresh_point_lies_between_fetch_and_fresh_until(
+                lifetime in 60u64..=24 * 3600,
+                retention in 60u64..=12 * 3600,
+                jitter in 0.0f64..1.0,
+            ) {
+                let fetched = Instant::now();
+                let fresh = fresh_until(fetched, Duration::from_secs(lifetime));
+                let at = refresh_point(fetched, fresh, Duration::from_secs(retention), jitter);
+                prop_assert!(fresh <= fetched + Duration::from_secs(lifetime));
+                prop_assert!(at <= fresh, "refresh after fresh_until");
+                prop_assert!(at >= fetched, "refresh before the fetch");
+                prop_assert!(at <= fetched + Duration::from_secs(retention));
+            }
+
+            #[test]
+            fn pod_scope_keys_never_collide_across_pods(
+                a in identity_parts(),
+                b in identity_parts(),
+            ) {
+                let ia = verified(&a.0, &a.1, &a.2, a.3.as_deref(), a.4);
+                let ib = verified(&b.0, &b.1, &b.2, b.3.as_deref(), b.4);
+                let ka = CacheKey::for_identity(&ia, CacheScope::Pod);
+                let kb = CacheKey::for_identity(&ib, CacheScope::Pod);
+                if ia.verified.is_some() != ib.verified.is_some() {
+                    prop_assert_ne!(&ka, &kb, "verified and unverified share a key");
+                }
+                for scope in [CacheScope::Pod, CacheScope::Association] {
+                    let (sa, sb) = (CacheKey::for_identity(&ia, scope), CacheKey::for_identity(&ib, scope));
+                    if ia.verified.is_none() != ib.verified.is_none() {
+                        prop_assert_ne!(sa, sb);
+                    }
+                }
+                if let (Some(ca), Some(cb)) = (&ia.verified, &ib.verified) {
+                    let pod_a = (&ca.namespace, &ca.service_account, &ca.pod_uid);
+                    let pod_b = (&cb.namespace, &cb.service_account, &cb.pod_uid);
+                    if pod_a != pod_b {
+                        prop_assert_ne!(&ka, &kb, "{:?} and {:?}", pod_a, pod_b);
+                    }
+                }
+                if ia.verified.is_none() && ib.verified.is_none() && a.0 != b.0 {
+                    prop_assert_ne!(&ka, &kb, "unverified tokens share a key");
+                }
+            }
+        }
     }
 
     #[test]

@@ -189,6 +189,18 @@ pub struct ServerArgs {
         default_value_t = 5000.0
     )]
     pub global_burst: f64,
+    /// Open connections allowed per credentials listener; above it a new connection gets 503.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_MAX_CONNECTIONS",
+        default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS
+    )]
+    pub max_connections: usize,
+    /// How long a connection may go without sending a complete request header section: a
+    /// slow client mid-request, or an idle keep-alive connection between requests. Hidden:
+    /// the default suits production; tests shorten it instead of waiting.
+    #[arg(long, env = "POD_IDENTITY_AGENT_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s", hide = true)]
+    pub idle_timeout: Duration,
     /// Credential source.
     #[arg(
         long,
@@ -342,6 +354,10 @@ pub struct Config {
     pub max_retention: Duration,
     pub max_service_qps: f64,
     pub max_upstream_concurrency: usize,
+    /// Open connections per credentials listener.
+    pub max_connections: usize,
+    /// Header read timeout, which is also how long an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
     pub limits: RequestLimits,
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
     /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
@@ -524,6 +540,15 @@ impl ServerArgs {
                 "must be between 1 and 4096",
             ));
         }
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(bad(
+                "max-connections",
+                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&self.idle_timeout) {
+            return Err(bad("idle-timeout", "must be between 1s and 10m"));
+        }
         for (flag, value) in [
             ("caller-rate-limit", self.caller_rate_limit),
             ("caller-burst", self.caller_burst),
@@ -560,6 +585,8 @@ impl ServerArgs {
             max_retention: self.max_credential_retention_before_renewal,
             max_service_qps: self.max_service_qps,
             max_upstream_concurrency: self.max_upstream_concurrency,
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
             limits: RequestLimits {
                 caller_rate: self.caller_rate_limit,
                 caller_burst: self.caller_burst,
@@ -573,6 +600,13 @@ impl ServerArgs {
         })
     }
 }
+
+/// Beyond this the limit is no limit: the process runs out of file descriptors first.
+const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// Shorter would cut off SDKs between two calls of one credential fetch; longer holds
+/// connection slots for clients that have gone quiet.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Shorter retention would turn the cache into a pass-through with extra steps.
 const MIN_RETENTION: Duration = Duration::from_secs(60);
@@ -633,6 +667,8 @@ impl Default for Config {
             max_retention: Duration::from_secs(3 * 3600),
             max_service_qps: 3.0,
             max_upstream_concurrency: 32,
+            max_connections: crate::http::DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: crate::http::HEADER_READ_TIMEOUT,
             limits: RequestLimits::default(),
             static_upstream_credentials: None,
             rotate_credentials: None,

@@ -18,8 +18,9 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::cache::{CacheError, CredentialCache};
@@ -38,6 +39,15 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// What a throttled client is told to wait; the SDKs retry after about 1 s anyway.
 const RETRY_AFTER_SECS: &str = "1";
+/// Open connections per credentials listener. An SDK keeps at most a few per process; 4096
+/// covers a node full of pods while bounding the agent's file descriptors and memory (the
+/// idle timeout frees slots of clients that went quiet).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Refused connections being answered at once; beyond this a refused connection is closed
+/// without a response, so a connection flood cannot grow the number of tasks.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+/// How long a refused connection gets to take its 503 before it is closed anyway.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `Retry-After` for a limiter wait, in whole seconds (at least 1).
 fn retry_after_value(secs: u64) -> &'static str {
@@ -395,10 +405,116 @@ pub async fn bind_all(addrs: &[SocketAddr], listener_name: &'static str) -> Vec<
     bound
 }
 
+/// Connection-level limits of one listener.
+#[derive(Clone)]
+pub struct ConnectionLimits {
+    /// Open connections at once; `None` for the admin listeners and the demo's stand-in.
+    pub max_connections: Option<usize>,
+    /// hyper's header read timeout. It runs from the moment hyper waits for a request head,
+    /// so it bounds a slow client mid-request and an idle keep-alive connection alike.
+    pub idle_timeout: Duration,
+    /// Where open and refused connections are counted (the credentials listeners).
+    pub metrics: Option<Metrics>,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: None,
+            idle_timeout: HEADER_READ_TIMEOUT,
+            metrics: None,
+        }
+    }
+}
+
+/// One accepted connection: holds its slot and keeps the open-connections gauge right
+/// however the connection task ends.
+struct OpenConnection {
+    _slot: Option<OwnedSemaphorePermit>,
+    metrics: Option<Metrics>,
+}
+
+impl OpenConnection {
+    fn new(slot: Option<OwnedSemaphorePermit>, metrics: Option<Metrics>) -> Self {
+        if let Some(m) = &metrics {
+            m.open_connections.inc();
+        }
+        OpenConnection {
+            _slot: slot,
+            metrics,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.open_connections.dec();
+        }
+    }
+}
+
+/// The whole answer to a connection over the limit: written by hand because hyper never
+/// sees the connection.
+fn too_many_connections_response() -> Vec<u8> {
+    let body = serde_json::json!({
+        "code": "TooManyConnections",
+        "message": "the agent has too many open connections; retry shortly",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         cache-control: no-store\r\nretry-after: {RETRY_AFTER_SECS}\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answer a connection over the limit with 503 and close it, in a task bounded in time and
+/// in number. What the client already sent is read and dropped before the close, so the
+/// close does not reset the connection under the 503.
+fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>, response: Arc<[u8]>) {
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+            stream.write_all(&response).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut drained = 0;
+            while drained < MAX_HEADER_BYTES {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
 /// Serve HTTP/1.1 on `listener` until `shutdown` flips to true, then drain in-flight requests
-/// for at most [`DRAIN_TIMEOUT`].
-pub async fn serve<H, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
+/// for at most [`DRAIN_TIMEOUT`]. No connection limit: for the admin listeners and the demo.
+pub async fn serve<H, F>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: H)
 where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    serve_with_limits(listener, shutdown, ConnectionLimits::default(), handler).await
+}
+
+/// [`serve`], with at most `limits.max_connections` open at once: a connection over the limit
+/// gets an immediate 503 (`TooManyConnections`, `Retry-After: 1`) and is closed.
+pub async fn serve_with_limits<H, F>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+    handler: H,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -406,9 +522,12 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.idle_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
+    let slots = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let refusal: Arc<[u8]> = too_many_connections_response().into();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -421,6 +540,23 @@ where
                         continue;
                     }
                 };
+                let slot = match &slots {
+                    Some(slots) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => {
+                            if let Some(m) = &limits.metrics {
+                                m.connections_refused.inc();
+                            }
+                            // Debug, not warn: a flood must not become a log flood; the
+                            // counter is the signal.
+                            tracing::debug!(peer = %peer, "connection refused: too many open connections");
+                            refuse(stream, &refusals, refusal.clone());
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let open = OpenConnection::new(slot, limits.metrics.clone());
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let service = hyper::service::service_fn(move |req| {
@@ -430,6 +566,7 @@ where
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 let watched = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _open = open;
                     if let Err(e) = watched.await {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
@@ -485,6 +622,153 @@ mod tests {
             "[fd00:ec2::23]:99999",
         ] {
             assert!(!list.allows(bad), "{bad}");
+        }
+    }
+
+    mod host_properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What `allows` must answer, by the standard library's own parsers: a bound socket
+        /// address, or a bound IP alone (IPv6 in brackets).
+        fn oracle(bound: &[SocketAddr], host: &str) -> bool {
+            // Stricter than std on purpose: no IPv6 zone ids, and at most 5 port digits.
+            if host.contains('%') {
+                return false;
+            }
+            if let Ok(sa) = host.parse::<SocketAddr>() {
+                let long_port = host.rsplit_once(':').is_some_and(|(_, p)| p.len() > 5);
+                return !long_port && bound.contains(&sa);
+            }
+            let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(inner) => inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+                None => host.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+            };
+            ip.is_some_and(|ip| bound.iter().any(|a| a.ip() == ip))
+        }
+
+        /// Every way a client may write `ip` in a Host header (without the port).
+        fn spellings(ip: IpAddr, upper: bool) -> Vec<String> {
+            match ip {
+                IpAddr::V4(v4) => vec![v4.to_string()],
+                IpAddr::V6(v6) => {
+                    let s = v6.segments();
+                    let case = |t: String| if upper { t.to_uppercase() } else { t };
+                    let full = s.map(|g| format!("{g:x}")).join(":");
+                    let padded = s.map(|g| format!("{g:04x}")).join(":");
+                    [v6.to_string(), full, padded]
+                        .into_iter()
+                        .map(|t| format!("[{}]", case(t)))
+                        .collect()
+                }
+            }
+        }
+
+        fn bound() -> impl Strategy<Value = (Ipv4Addr, Ipv6Addr, u16)> {
+            (
+                any::<[u8; 4]>().prop_map(Ipv4Addr::from),
+                // Few distinct groups, so zero runs (compression) are common.
+                proptest::array::uniform8(prop_oneof![Just(0u16), Just(0xec2), any::<u16>()])
+                    .prop_map(Ipv6Addr::from),
+                1u16..,
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn bound_addresses_are_allowed_in_every_spelling(
+                (v4, v6, port) in bound(),
+                upper in any::<bool>(),
+            ) {
+                let bound = vec![SocketAddr::new(v4.into(), port), SocketAddr::new(v6.into(), port)];
+                let list = HostAllowList::new(bound.clone());
+                for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {
+                    for host in spellings(ip, upper) {
+                        prop_assert!(list.allows(&host), "{}", host);
+                        let with_port = format!("{host}:{port}");
+                        prop_assert!(list.allows(&with_port), "{}", with_port);
+                        let other = port.wrapping_add(1).max(1);
+                        if other != port {
+                            let other_port = format!("{host}:{other}");
+                            prop_assert!(!list.allows(&other_port), "{}", other_port);
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn other_addresses_are_refused(
+                (v4, v6, port) in bound(),
+                (o4, o6, _) in bound(),
+                upper in any::<bool>(),
+            ) {
+                let list = HostAllowList::new(vec![
+                    SocketAddr::new(v4.into(), port),
+                    SocketAddr::new(v6.into(), port),
+                ]);
+                let others = [
+                    (o4 != v4).then_some(IpAddr::V4(o4)),
+                    (o6 != v6).then_some(IpAddr::V6(o6)),
+                    // The IPv4 address mapped into IPv6 is a different literal.
+                    Some(IpAddr::V6(v4.to_ipv6_mapped())),
+                ];
+                for ip in others.into_iter().flatten() {
+                    for host in spellings(ip, upper) {
+                        prop_assert!(!list.allows(&host), "{}", host);
+                        let with_port = format!("{host}:{port}");
+                        prop_assert!(!list.allows(&with_port), "{}", with_port);
+                    }
+                }
+                // An unbracketed IPv6 literal is ambiguous with a port and never accepted.
+                prop_assert!(!list.allows(&v6.to_string()));
+            }
+
+            #[test]
+            fn arbitrary_strings_are_allowed_only_if_they_name_a_bound_address(
+                (v4, v6, port) in bound(),
+                host in prop_oneof![
+                    any::<String>(),
+                    "[0-9a-fA-F:.\\[\\]%+ -]{0,48}",
+                    "[a-z0-9.-]{1,30}(:[0-9]{1,6})?",
+                ],
+            ) {
+                let bound = vec![SocketAddr::new(v4.into(), port), SocketAddr::new(v6.into(), port)];
+                let list = HostAllowList::new(bound.clone());
+                prop_assert_eq!(list.allows(&host), oracle(&bound, &host), "{:?}", host);
+            }
+
+            #[test]
+            fn near_misses_of_a_bound_address_follow_the_oracle(
+                (v4, v6, port) in bound(),
+                pick_v6 in any::<bool>(),
+                upper in any::<bool>(),
+                prefix in "[ \\[a-z0-9:.]{0,2}",
+                suffix in "[ \\]a-z0-9:.%]{0,3}",
+            ) {
+                let bound = vec![SocketAddr::new(v4.into(), port), SocketAddr::new(v6.into(), port)];
+                let list = HostAllowList::new(bound.clone());
+                let ip = if pick_v6 { IpAddr::V6(v6) } else { IpAddr::V4(v4) };
+                for base in spellings(ip, upper) {
+                    for host in [format!("{prefix}{base}{suffix}"), format!("{base}:{port}{suffix}")] {
+                        prop_assert_eq!(list.allows(&host), oracle(&bound, &host), "{:?}", host);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn names_are_refused() {
+            let list = HostAllowList::new(vec!["127.0.0.1:80".parse().unwrap()]);
+            for name in [
+                "localhost",
+                "localhost:80",
+                "127.0.0.1.nip.io",
+                "LOCALHOST",
+                "0x7f000001",
+                "2130706433",
+            ] {
+                assert!(!list.allows(name), "{name}");
+            }
         }
     }
 

@@ -182,9 +182,15 @@ impl Agent {
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");
             let state = state.clone();
-            tasks.spawn(http::serve(
+            let limits = http::ConnectionLimits {
+                max_connections: Some(config.max_connections),
+                idle_timeout: config.idle_timeout,
+                metrics: Some(state.metrics.clone()),
+            };
+            tasks.spawn(http::serve_with_limits(
                 listener,
                 shutdown_rx.clone(),
+                limits,
                 move |req, peer| http::handle(state.clone(), req, peer),
             ));
         }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub refresh_budget: Gauge<f64, AtomicU64>,
     pub min_credential_lifetime: Gauge<f64, AtomicU64>,
     pub upstream_busy: Counter,
+    pub open_connections: Gauge,
+    pub connections_refused: Counter,
     rate_limited: Family<Labels1, Counter>,
     pub associations: Gauge,
     association_reloads: Family<Labels1, Counter>,
@@ -149,6 +151,18 @@ impl Metrics {
             "Smallest remaining lifetime of any cached credentials (NaN when the cache is empty)",
             min_credential_lifetime.clone(),
         );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Open connections on the credentials listeners",
+            open_connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections answered with 503 and closed because --max-connections were open",
+            connections_refused.clone(),
+        );
         let upstream_busy = Counter::default();
         registry.register(
             "upstream_busy",
@@ -219,6 +233,8 @@ impl Metrics {
             refresh_budget,
             min_credential_lifetime,
             upstream_busy,
+            open_connections,
+            connections_refused,
             rate_limited,
             associations,
             association_reloads,

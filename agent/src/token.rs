@@ -250,7 +250,16 @@ impl Verifier {
             }
         }
         let (alg, claims) = parse_unverified(raw)?;
-        let expires_at = claims.exp.map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        // Checked: `exp` is attacker-chosen and read before the signature is, and an `exp`
+        // past what `SystemTime` holds (found by fuzzing: u64::MAX) must not panic.
+        let expires_at = match claims.exp {
+            Some(s) => Some(
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(s))
+                    .ok_or_else(|| TokenError::Malformed("exp is out of range".into()))?,
+            ),
+            None => None,
+        };
         let Some(keys) = &self.keys else {
             // Unverified mode: the upstream checks the signature. Still refuse what would
             // certainly fail there, so it costs no upstream call.
@@ -619,6 +628,24 @@ mod tests {
         store.reload("changed").await.unwrap();
         assert!(v.recall(&Token::new(&tok), &store).is_none());
         assert!(matches!(v.verify(&tok).await, Err(TokenError::UnknownKey)));
+    }
+
+    #[tokio::test]
+    async fn an_exp_beyond_the_clock_range_is_malformed_not_a_panic() {
+        // Regression (fuzz corpus `token/huge_exp`): `exp` = u64::MAX overflowed SystemTime.
+        let key = TestKey::es256("k1");
+        let mut c = claims("ns", "sa", "u");
+        c["exp"] = serde_json::json!(u64::MAX);
+        let tok = key.sign(&c);
+        assert!(matches!(
+            verifier(&key).verify(&tok).await,
+            Err(TokenError::Malformed(_))
+        ));
+        let unverified = Verifier::new(None, None, vec!["pods.eks.amazonaws.com".into()]);
+        assert!(matches!(
+            unverified.verify(&tok).await,
+            Err(TokenError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -1,12 +1,10 @@
 //! EKS Auth `AssumeRoleForPodIdentity`, signed with the node's own AWS credentials.
 
-use std::time::SystemTime;
-
 use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityOutput;
 
 use super::{
-    account_of_arn, classify, invalid_response, sdk_config, with_retries, Backend, CodePolicy,
-    Credentials, FetchFuture, Secret, SetupError, UpstreamError,
+    account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
+    Backend, CodePolicy, Credentials, FetchFuture, SetupError, UpstreamError,
 };
 use crate::config::Config;
 use crate::token::Identity;
@@ -65,19 +63,12 @@ fn credentials_from(out: AssumeRoleForPodIdentityOutput) -> Result<Credentials, 
         .ok_or_else(|| invalid("has no assumed role"))?;
     let account_id =
         account_of_arn(arn).ok_or_else(|| invalid("has an assumed role ARN without an account"))?;
-    let expiration = SystemTime::try_from(*creds.expiration())
-        .map_err(|_| invalid("has an unrepresentable expiration"))?;
-    if creds.access_key_id().is_empty()
-        || creds.secret_access_key().is_empty()
-        || creds.session_token().is_empty()
-    {
-        return Err(invalid("has empty credential fields"));
-    }
-    Ok(Credentials {
-        access_key_id: creds.access_key_id().to_owned(),
-        secret_access_key: Secret::new(creds.secret_access_key()),
-        session_token: Secret::new(creds.session_token()),
-        account_id: account_id.to_owned(),
-        expiration,
-    })
+    checked_credentials(
+        SERVICE,
+        creds.access_key_id(),
+        creds.secret_access_key(),
+        creds.session_token(),
+        *creds.expiration(),
+        account_id,
+    )
 }

@@ -255,6 +255,30 @@ where
     }
 }
 
+/// Credentials from a 200 response of either service, checked: no empty field, a
+/// representable expiration.
+fn checked_credentials(
+    service: &str,
+    access_key_id: &str,
+    secret_access_key: &str,
+    session_token: &str,
+    expiration: aws_sdk_eksauth::primitives::DateTime,
+    account_id: &str,
+) -> Result<Credentials, UpstreamError> {
+    let expiration = SystemTime::try_from(expiration)
+        .map_err(|_| invalid_response(service, "has an unrepresentable expiration"))?;
+    if access_key_id.is_empty() || secret_access_key.is_empty() || session_token.is_empty() {
+        return Err(invalid_response(service, "has empty credential fields"));
+    }
+    Ok(Credentials {
+        access_key_id: access_key_id.to_owned(),
+        secret_access_key: Secret::new(secret_access_key),
+        session_token: Secret::new(session_token),
+        account_id: account_id.to_owned(),
+        expiration,
+    })
+}
+
 /// An unusable 200 from `service`.
 fn invalid_response(service: &str, what: &str) -> UpstreamError {
     UpstreamError::new(

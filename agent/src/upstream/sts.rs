@@ -2,14 +2,12 @@
 //! exchanged directly, unsigned (the agent needs no AWS credentials of its own), for the role
 //! its service account is associated with in the associations file.
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityOutput;
+use std::sync::Arc;
 
 use super::{
-    account_of_arn, classify, invalid_response, sdk_config, with_retries, Backend, CodePolicy,
-    Credentials, FailureKind, FetchFuture, Secret, SetupError, UpstreamError,
+    account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
+    Backend, CodePolicy, Credentials, FailureKind, FetchFuture, SetupError, UpstreamError,
 };
 use crate::associations::{Association, AssociationStore};
 use crate::config::Config;
@@ -201,21 +199,14 @@ fn credentials_from(
     let account_id = account_of_arn(arn)
         .or_else(|| account_of_arn(role_arn))
         .ok_or_else(|| invalid("has a role ARN without an account"))?;
-    let expiration = SystemTime::try_from(*creds.expiration())
-        .map_err(|_| invalid("has an unrepresentable expiration"))?;
-    if creds.access_key_id().is_empty()
-        || creds.secret_access_key().is_empty()
-        || creds.session_token().is_empty()
-    {
-        return Err(invalid("has empty credential fields"));
-    }
-    Ok(Credentials {
-        access_key_id: creds.access_key_id().to_owned(),
-        secret_access_key: Secret::new(creds.secret_access_key()),
-        session_token: Secret::new(creds.session_token()),
-        account_id: account_id.to_owned(),
-        expiration,
-    })
+    checked_credentials(
+        SERVICE,
+        creds.access_key_id(),
+        creds.secret_access_key(),
+        creds.session_token(),
+        *creds.expiration(),
+        account_id,
+    )
 }
 
 #[cfg(test)]
@@ -242,6 +233,43 @@ mod tests {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn claims() -> impl Strategy<Value = (String, Option<String>, Option<String>)> {
+            (
+                any::<String>(),
+                proptest::option::of(any::<String>()),
+                proptest::option::of(any::<String>()),
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn session_names_are_always_valid((ns, pod, uid) in claims(), verified in any::<bool>()) {
+                let mut id = identity(&ns, pod.as_deref(), uid.as_deref());
+                if !verified {
+                    id.verified = None;
+                }
+                let name = session_name(&id);
+                prop_assert!(valid(&name), "{:?}", name);
+            }
+
+            #[test]
+            fn different_pod_uids_give_different_names(
+                (ns, pod, _) in claims(),
+                a in any::<String>(),
+                b in any::<String>(),
+            ) {
+                prop_assume!(a != b);
+                let name_a = session_name(&identity(&ns, pod.as_deref(), Some(&a)));
+                let name_b = session_name(&identity(&ns, pod.as_deref(), Some(&b)));
+                prop_assert_ne!(name_a, name_b);
+            }
+        }
     }
 
     #[test]

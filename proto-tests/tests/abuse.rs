@@ -1,0 +1,311 @@
+//! Abuse of the credentials port at the connection level: floods of connections, pipelining,
+//! malformed and oversized headers. Every test ends by proving the agent still serves a valid
+//! request, so "survived" means "still useful", not just "still running".
+
+use std::time::Duration;
+
+use proto_tests::http::{self, RawRequest, RawResponse};
+use proto_tests::metrics;
+use proto_tests::{Pod, TestBed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+/// Bound on any single wait in these tests (reads, metric polls).
+const WAIT: Duration = Duration::from_secs(10);
+
+fn pod() -> Pod {
+    Pod::new("team-a", "app", "app-1")
+}
+
+/// A valid request on a fresh connection gets credentials.
+async fn assert_still_serves(bed: &TestBed) {
+    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    assert_eq!(
+        response.status, 200,
+        "the agent stopped serving: {response:?}"
+    );
+    assert!(response.json_str("AccessKeyId").is_some(), "{response:?}");
+}
+
+/// Poll `/metrics` until `series` satisfies `ok` (bounded by [`WAIT`]).
+async fn wait_for_metric(bed: &TestBed, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = metrics::value(&bed.agent.metrics_text().await, series).unwrap_or(f64::NAN);
+        if ok(value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {value} after {WAIT:?}\n{}",
+            bed.agent.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Read everything until the server closes (bounded by [`WAIT`]).
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => panic!("read failed: {e}"),
+            Err(_) => panic!(
+                "connection not closed within {WAIT:?}; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        };
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Split a byte stream of responses with `Content-Length` bodies: (status, body) each.
+fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    // Bounded by the input: each pass consumes at least the head.
+    while !bytes.is_empty() {
+        let head_end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a complete response head");
+        let head = std::str::from_utf8(&bytes[..head_end]).expect("UTF-8 head");
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .expect("content-length");
+        let body = &bytes[head_end + 4..head_end + 4 + len];
+        out.push((status, String::from_utf8_lossy(body).into_owned()));
+        bytes = &bytes[head_end + 4 + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_and_slots_come_back() {
+    const LIMIT: usize = 50;
+    let bed = TestBed::builder()
+        .args(["--max-connections", &LIMIT.to_string()])
+        .start()
+        .await;
+    let addr = bed.agent.credentials_addr();
+    let mut idle = Vec::with_capacity(LIMIT);
+    for _ in 0..LIMIT {
+        idle.push(
+            timeout(WAIT, TcpStream::connect(addr))
+                .await
+                .expect("connect in time")
+                .expect("connect"),
+        );
+    }
+    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| {
+        v == LIMIT as f64
+    })
+    .await;
+
+    // The 51st: answered at once, without sending anything, then closed.
+    let mut extra = TcpStream::connect(addr).await.expect("connect");
+    let bytes = read_to_close(&mut extra).await;
+    let responses = split_responses(&bytes);
+    assert_eq!(responses.len(), 1, "{:?}", String::from_utf8_lossy(&bytes));
+    let head = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503 "), "{head}");
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    let body: serde_json::Value = serde_json::from_str(&responses[0].1).expect("JSON body");
+    assert_eq!(body["code"], "TooManyConnections", "{body}");
+    assert!(body["message"].is_string(), "{body}");
+    wait_for_metric(&bed, "pod_identity_agent_connections_refused_total", |v| {
+        v >= 1.0
+    })
+    .await;
+
+    // Closing some frees their slots for new clients.
+    idle.truncate(LIMIT - 5);
+    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| {
+        v <= (LIMIT - 5) as f64
+    })
+    .await;
+    assert_still_serves(&bed).await;
+    drop(idle);
+    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
+    let bed = TestBed::builder()
+        .args(["--idle-timeout", "1s"])
+        .start()
+        .await;
+    let addr = bed.agent.credentials_addr();
+    let request = RawRequest::get("/v1/credentials")
+        .header("Host", addr.to_string())
+        .header("Authorization", bed.token(&pod()));
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(&request.to_bytes()).await.expect("write");
+    let response = http::read_response(&mut stream, false, Instant::now() + WAIT)
+        .await
+        .expect("a response");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_ne!(response.header("connection"), Some("close"));
+    // Kept alive, then idle: the agent must hang up by itself, well before WAIT.
+    let started = Instant::now();
+    let rest = read_to_close(&mut stream).await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+    assert_still_serves(&bed).await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let bed = TestBed::start().await;
+    let addr = bed.agent.credentials_addr();
+    let token = bed.token(&pod());
+    let first = RawRequest::get("/v1/credentials")
+        .header("Host", addr.to_string())
+        .header("Authorization", &token);
+    let second = RawRequest::get("/not-a-route")
+        .header("Host", addr.to_string())
+        .header("Connection", "close");
+    let mut bytes = first.to_bytes();
+    bytes.extend_from_slice(&second.to_bytes());
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(&bytes)
+        .await
+        .expect("one write, two requests");
+    let responses = split_responses(&read_to_close(&mut stream).await);
+    let statuses: Vec<u16> = responses.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [200, 404], "{responses:?}");
+    assert!(responses[0].1.contains("AccessKeyId"), "{responses:?}");
+    assert_still_serves(&bed).await;
+}
+
+async fn send(bed: &TestBed, request: &RawRequest) -> RawResponse {
+    http::send(bed.agent.credentials_addr(), request)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.agent.logs_text()))
+}
+
+#[tokio::test]
+async fn http10_without_host_is_400() {
+    let bed = TestBed::start().await;
+    let request = RawRequest::get("/v1/credentials")
+        .version("HTTP/1.0")
+        .header("Authorization", bed.token(&pod()));
+    let response = send(&bed, &request).await;
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(response.json_str("code").as_deref(), Some("MissingHost"));
+    assert_eq!(bed.upstream.calls(), 0);
+    assert_still_serves(&bed).await;
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_400() {
+    let bed = TestBed::start().await;
+    let token = bed.token(&pod());
+    let request = RawRequest::get("/v1/credentials")
+        .header("Host", bed.agent.credentials_host())
+        .header("Authorization", &token)
+        .header("Authorization", &token)
+        .header("Connection", "close");
+    let response = send(&bed, &request).await;
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(
+        response.json_str("code").as_deref(),
+        Some("DuplicateAuthorization")
+    );
+    assert_eq!(bed.upstream.calls(), 0);
+    assert_still_serves(&bed).await;
+}
+
+#[tokio::test]
+async fn a_megabyte_authorization_header_is_refused_and_others_are_served() {
+    let bed = TestBed::start().await;
+    let addr = bed.agent.credentials_addr();
+    let request = RawRequest::get("/v1/credentials")
+        .header("Host", addr.to_string())
+        .header("Authorization", "a".repeat(1024 * 1024))
+        .header("Connection", "close");
+    match http::send_bytes(addr, &request.to_bytes(), false, WAIT).await {
+        Ok(response) => assert_eq!(response.status, 431, "{response:?}"),
+        // The agent may close (or reset) before the client has written it all.
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ),
+            "{e}"
+        ),
+    }
+    assert_eq!(bed.upstream.calls(), 0);
+    assert_still_serves(&bed).await;
+}
+
+#[tokio::test]
+async fn non_utf8_authorization_and_host_are_4xx() {
+    let bed = TestBed::start().await;
+    let addr = bed.agent.credentials_addr();
+    let token = bed.token(&pod());
+    let host = addr.to_string();
+    let cases: [(&str, Vec<u8>); 3] = [
+        (
+            "authorization",
+            [
+                format!("GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\nAuthorization: ")
+                    .as_bytes(),
+                b"\xff\xfe\xc3\x28",
+                token.as_bytes(),
+                b"\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+        ),
+        (
+            "host",
+            [
+                format!("GET /v1/credentials HTTP/1.1\r\nHost: {host}").as_bytes(),
+                b"\xff",
+                format!("\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+            ]
+            .concat(),
+        ),
+        (
+            "host latin-1",
+            [
+                b"GET /v1/credentials HTTP/1.1\r\nHost: \xe9vil\r\nAuthorization: ".as_slice(),
+                token.as_bytes(),
+                b"\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let response = http::send_bytes(addr, &bytes, false, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", bed.agent.logs_text()));
+        assert!(
+            (400..500).contains(&response.status),
+            "{what}: {response:?}"
+        );
+    }
+    assert_eq!(bed.upstream.calls(), 0, "no bad request reaches EKS Auth");
+    assert_still_serves(&bed).await;
+}
