@@ -237,9 +237,10 @@ struct SlotState {
 
 impl SlotState {
     fn remember(&mut self, identity: &Identity) {
+        // Cheap on the hit path: the same token again (the common case) is not cloned.
         let newer = match &self.identity {
             None => true,
-            Some(old) => identity.expires_at >= old.expires_at,
+            Some(old) => identity.expires_at > old.expires_at,
         };
         if newer {
             self.identity = Some(identity.clone());

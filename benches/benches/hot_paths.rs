@@ -1,0 +1,190 @@
+//! The per-request work of a cache hit, piece by piece, through the agent library's public
+//! API: token verification, the cache lookup, and encoding the response.
+//!
+//! `cargo bench -p benches --bench hot_paths`
+//!
+//! Verification is measured two ways. "cold": a different token every iteration (a pool of
+//! 256 cycled), the cost of a token the verifier has not seen; the verifier remembers the
+//! tokens it verified (by digest), so it is replaced, untimed, after every pass over the pool.
+//! "repeat": the same token every time, which is what a pod's SDK sends until kubelet
+//! rotates it, and what that memory is for.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use benches::fake_eks_auth::fake_credentials;
+use benches::pods::{Alg, Issuer, Pod, ISSUER};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pod_identity_agent::cache::{CacheSettings, CredentialCache};
+use pod_identity_agent::config::{CacheScope, DEFAULT_AUDIENCE};
+use pod_identity_agent::http::credentials_response;
+use pod_identity_agent::keys::{KeySet, KeyStore};
+use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::token::{Identity, Token, VerifiedClaims, Verifier};
+use pod_identity_agent::upstream::{Backend, Credentials, FetchFuture};
+use std::hint::black_box;
+
+/// Distinct tokens of the "cold" case: enough that the CPU caches do not keep them all hot,
+/// few enough to sign quickly.
+const COLD_POOL: usize = 256;
+/// Pods in the larger cache of the lookup bench: the agent's default `--max-cache-size`.
+const CACHED_PODS: usize = 2000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn verifier_for(issuer: &Issuer) -> Verifier {
+    let set = KeySet::from_jwks(issuer.jwks().as_bytes()).expect("issuer JWKS parses");
+    Verifier::new(
+        Some(KeyStore::fixed(set, Metrics::new())),
+        Some(ISSUER.into()),
+        vec![DEFAULT_AUDIENCE.into()],
+    )
+}
+
+fn verify(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("verify");
+    group.throughput(Throughput::Elements(1));
+    for alg in [Alg::Rs256, Alg::Es256] {
+        let issuer = Issuer::generate(alg).expect("signing key");
+        let pool: Vec<String> = (0..COLD_POOL)
+            .map(|i| issuer.token(&Pod::numbered("verify", i)).expect("sign"))
+            .collect();
+        let check = verifier_for(&issuer);
+        for token in &pool {
+            rt.block_on(check.verify(token))
+                .expect("pool tokens verify");
+        }
+        // A verifier sees each pool token once: after a pass over the pool it is replaced,
+        // outside the timed region, so no token is ever found among its verified ones.
+        let mut verifier = verifier_for(&issuer);
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new("cold", alg.name()), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        if next == COLD_POOL {
+                            verifier = verifier_for(&issuer);
+                            next = 0;
+                        }
+                        let token = &pool[next];
+                        next += 1;
+                        let started = Instant::now();
+                        let _ = black_box(verifier.verify(token).await);
+                        spent += started.elapsed();
+                    }
+                    spent
+                })
+            })
+        });
+        let token = &pool[0];
+        group.bench_function(BenchmarkId::new("repeat", alg.name()), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let _ = black_box(verifier.verify(black_box(token)).await);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Always the same credentials, at once: the cache's own cost is all that is measured.
+struct FixedBackend(Credentials);
+
+impl Backend for FixedBackend {
+    fn fetch<'a>(&'a self, _identity: &'a Identity) -> FetchFuture<'a> {
+        Box::pin(async move { Ok(self.0.clone()) })
+    }
+}
+
+/// A verified identity of `pod`, as the verifier would have produced it.
+fn identity(issuer: &Issuer, pod: &Pod) -> Identity {
+    let raw = issuer.token(pod).expect("sign");
+    Identity {
+        token: Token::new(&raw),
+        verified: Some(VerifiedClaims {
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            pod_name: Some(pod.name.clone()),
+            pod_uid: Some(pod.uid.clone()),
+            audiences: vec![DEFAULT_AUDIENCE.into()],
+        }),
+        expires_at: Some(SystemTime::now() + Duration::from_secs(24 * 3600)),
+    }
+}
+
+fn cache_hit(c: &mut Criterion) {
+    let rt = runtime();
+    // ES256 only to sign the 2,000 tokens quickly; the cache never looks at the signature.
+    let issuer = Issuer::generate(Alg::Es256).expect("signing key");
+    let creds = fake_credentials(1, SystemTime::now() + Duration::from_secs(3600));
+    let cache = CredentialCache::new(
+        Arc::new(FixedBackend(creds)),
+        CacheSettings {
+            scope: CacheScope::Pod,
+            max_entries: 20_000,
+            max_retention: Duration::from_secs(3 * 3600),
+            max_service_qps: 3.0,
+            max_upstream_concurrency: 32,
+        },
+        Metrics::new(),
+    );
+    let identities: Vec<Identity> = (0..CACHED_PODS)
+        .map(|i| identity(&issuer, &Pod::numbered("cache", i)))
+        .collect();
+    rt.block_on(async {
+        for id in &identities {
+            cache.get(id).await.expect("first fetch fills the cache");
+        }
+    });
+    let mut group = c.benchmark_group("cache_get_hit");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_pod", |b| {
+        let id = &identities[0];
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let _ = black_box(cache.get(black_box(id)).await);
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.bench_function(BenchmarkId::new("cycling_pods", CACHED_PODS), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for i in 0..iters as usize {
+                    let _ = black_box(cache.get(&identities[i % CACHED_PODS]).await);
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let creds = fake_credentials(1, SystemTime::now() + Duration::from_secs(3600));
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("credentials_response", |b| {
+        b.iter(|| black_box(credentials_response(black_box(&creds))))
+    });
+    group.finish();
+}
+
+criterion_group!(hot_paths, verify, cache_hit, encode);
+criterion_main!(hot_paths);

@@ -1,0 +1,214 @@
+//! Child processes of the load tool (the agent, the baseline): started with their stderr
+//! drained into a short tail, stopped on every way out of the tool.
+//!
+//! A [`ChildProcess`] is stopped when dropped (SIGTERM, then SIGKILL after a grace period),
+//! which covers returns, errors and panics that unwind through its owner. A panic in some
+//! other task does not unwind the owner, so [`kill_children_on_panic`] installs a hook that
+//! kills every live child first. Ctrl-C reaches the children directly: they are in the
+//! terminal's foreground process group.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a child gets to exit after SIGTERM by default (the agent drains for at most 8 s,
+/// but under a load tool nothing is in flight when it is stopped).
+const TERM_GRACE: Duration = Duration::from_secs(3);
+/// Lines of a child's stderr kept for an error report.
+const TAIL_LINES: usize = 12;
+
+fn live() -> &'static Mutex<Vec<u32>> {
+    static LIVE: OnceLock<Mutex<Vec<u32>>> = OnceLock::new();
+    LIVE.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Kill every live child before the default panic message is printed.
+pub fn kill_children_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(pids) = live().lock() {
+            for &pid in pids.iter() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        previous(info);
+    }));
+}
+
+/// What a child wrote to stderr: a line count and the last few lines.
+#[derive(Debug, Default)]
+pub struct LogTail {
+    pub lines: u64,
+    pub last: VecDeque<String>,
+}
+
+/// A running child process, stopped when dropped.
+pub struct ChildProcess {
+    name: &'static str,
+    child: Child,
+    tail: Arc<Mutex<LogTail>>,
+    grace: Duration,
+}
+
+impl ChildProcess {
+    /// Start `cmd` with stderr captured (and stdin left to the caller's setting).
+    pub fn spawn(name: &'static str, mut cmd: Command) -> std::io::Result<ChildProcess> {
+        cmd.stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Ok(mut pids) = live().lock() {
+            pids.push(child.id());
+        }
+        let tail = Arc::new(Mutex::new(LogTail::default()));
+        if let Some(stderr) = child.stderr.take() {
+            let tail = tail.clone();
+            // A thread, not a task: it blocks on the pipe until the child exits.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut t) = tail.lock() {
+                        t.lines += 1;
+                        if t.last.len() == TAIL_LINES {
+                            t.last.pop_front();
+                        }
+                        t.last.push_back(line);
+                    }
+                }
+            });
+        }
+        Ok(ChildProcess {
+            name,
+            child,
+            tail,
+            grace: TERM_GRACE,
+        })
+    }
+
+    /// Give the child longer to exit after SIGTERM (a profiler writes its data then).
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory now, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.pid())
+    }
+
+    /// Its exit status, if it has already exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Lines written to stderr so far, and the last few.
+    pub fn log(&self) -> (u64, Vec<String>) {
+        match self.tail.lock() {
+            Ok(t) => (t.lines, t.last.iter().cloned().collect()),
+            Err(_) => (0, Vec::new()),
+        }
+    }
+
+    /// SIGTERM, wait up to the grace period, then SIGKILL; reap it either way.
+    pub fn stop(&mut self) {
+        if self.exited().is_none() {
+            let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
+            let until = Instant::now() + self.grace;
+            while self.exited().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.exited().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if let Ok(mut pids) = live().lock() {
+            let pid = self.pid();
+            pids.retain(|&p| p != pid);
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `VmRSS` of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The 1, 5 and 15 minute load averages: on a shared 2-core machine, whatever else runs
+/// during a measurement changes it, and a reader of the results should know.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A loopback port that was free a moment ago. Another process could take it before the
+/// child binds it; on a machine running only the load tool that does not happen, and the
+/// child then fails loudly at bind.
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The first line of `stdout` that starts with `prefix`, within `limit`.
+pub fn wait_for_line(stdout: ChildStdout, prefix: &str, limit: Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let _ = tx.send(rest.trim().to_owned());
+                break;
+            }
+        }
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_rss() {
+        let rss = rss_kib(std::process::id()).unwrap();
+        assert!(rss > 100, "{rss}");
+    }
+
+    #[test]
+    fn a_dropped_child_is_gone() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let child = ChildProcess::spawn("sleep", cmd).unwrap();
+        let pid = child.pid();
+        drop(child);
+        assert!(rss_kib(pid).is_none(), "process {pid} still exists");
+    }
+}
