@@ -645,7 +645,9 @@ impl CredentialCache {
         tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             if let (Some(cache), Some(slot)) = (cache.upgrade(), slot.upgrade()) {
-                cache.refresh(key, slot, generation).await;
+                // Boxed so the task that sleeps for most of an entry's life stays small: the
+                // refresh's state (a few KiB) is allocated only when it runs.
+                Box::pin(cache.refresh(key, slot, generation)).await;
             }
         });
     }
