@@ -61,13 +61,31 @@ const RETRY_BASE: Duration = Duration::from_secs(2);
 const RETRY_CAP: Duration = Duration::from_secs(60);
 
 /// Upstream errors after which an entry's credentials must not be served again: the
-/// association or the pod's right to it is gone.
-const IRRECOVERABLE_CODES: [&str; 4] = [
+/// association or the pod's right to it is gone. EKS Auth's codes, then STS's.
+const IRRECOVERABLE_CODES: [&str; 7] = [
     "AccessDeniedException",
     "ResourceNotFoundException",
     "InvalidTokenException",
     "ExpiredTokenException",
+    "AccessDenied",
+    "InvalidIdentityToken",
+    "IDPRejectedClaim",
 ];
+
+/// The irrecoverable errors that are about the association, not the token presented: any
+/// token of the key would get the same answer, so the answer is remembered for
+/// [`REFUSAL_TTL`] instead of asking again for every request.
+const ASSOCIATION_REFUSAL_CODES: [&str; 3] = [
+    "AccessDeniedException",
+    "ResourceNotFoundException",
+    "AccessDenied",
+];
+
+/// How long a refusal about the association is answered from the cache. A pod without an
+/// association that keeps asking (SDKs retry, applications poll) would otherwise cost one
+/// upstream call per request and could spend the node's EKS Auth quota for every pod; an
+/// association created meanwhile is seen at most this much later.
+pub const REFUSAL_TTL: Duration = Duration::from_secs(5);
 
 fn is_irrecoverable(e: &UpstreamError) -> bool {
     IRRECOVERABLE_CODES.contains(&e.code.as_str())
@@ -233,6 +251,8 @@ struct SlotState {
     retry_at: Option<Instant>,
     /// A background refresh is waiting for budget or running.
     refreshing: bool,
+    /// The upstream's last refusal of the association, answered until the instant.
+    refused: Option<(UpstreamError, Instant)>,
 }
 
 impl SlotState {
@@ -265,6 +285,7 @@ impl Slot {
                 failures: 0,
                 retry_at: None,
                 refreshing: false,
+                refused: None,
             }),
         }
     }
@@ -397,6 +418,12 @@ impl CredentialCache {
                 Some(c) if c.servable(now) => Some(c.creds.clone()),
                 _ => None,
             };
+            if let (None, Some((refusal, until))) = (&stale, &state.refused) {
+                if now < *until {
+                    tracing::debug!(key = %key.describe(), code = %refusal.code, "refusal answered from the cache");
+                    return Err(CacheError::Upstream(refusal.clone()));
+                }
+            }
             // While refreshes are failing, requests do not add upstream calls: they get the
             // credentials that still work, and the retry schedule does the calling.
             if let (Some(creds), Some(retry_at)) = (&stale, state.retry_at) {
@@ -554,10 +581,14 @@ impl CredentialCache {
                     state.current = Some(cached);
                     state.failures = 0;
                     state.retry_at = None;
+                    state.refused = None;
                     (Ok(creds), Some((at, generation)), "success")
                 }
                 Err(e) if is_irrecoverable(&e) => {
                     let had_credentials = state.current.take().is_some();
+                    if ASSOCIATION_REFUSAL_CODES.contains(&e.code.as_str()) {
+                        state.refused = Some((e.clone(), now + REFUSAL_TTL));
+                    }
                     (
                         Err(e),
                         None,
@@ -606,10 +637,17 @@ impl CredentialCache {
             // The credentials were dropped above; count that even if moka has already expired
             // the entry.
             self.metrics.eviction("revoked");
-            self.remove(&key, &slot, None).await;
-        } else if outcome == "refused" {
-            // Nothing was cached for this key; drop the empty slot without counting an eviction.
-            self.remove(&key, &slot, None).await;
+        }
+        if outcome == "revoked" || outcome == "refused" {
+            let remembered = slot.lock().refused.is_some();
+            if remembered {
+                // Keep the (now empty) slot while it answers the refusal; moka drops it after
+                // its empty-slot lifetime.
+                self.entries.insert(key.clone(), slot.clone()).await;
+            } else {
+                // Nothing to keep; drop the slot without counting an eviction.
+                self.remove(&key, &slot, None).await;
+            }
         } else if let Some((at, generation)) = next {
             // Re-insert so moka recomputes the entry's lifetime from the new credentials.
             self.entries.insert(key.clone(), slot.clone()).await;
@@ -1104,14 +1142,83 @@ mod tests {
             "association deleted",
         )));
         tokio::time::sleep(46 * MINUTE).await;
-        cache.entries.run_pending_tasks().await;
-        assert_eq!(cache.entry_count(), 0);
+        assert!(cache.metrics.encode().contains("reason=\"revoked\"} 1"));
         let calls = backend.calls();
         assert!(
             cache.get(&id).await.is_err(),
             "revoked credentials are not served again"
         );
         assert_eq!(backend.calls(), calls + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_association_is_answered_from_the_cache_for_a_while() {
+        let backend = FakeBackend::new(Duration::from_millis(10));
+        let cache = cache(backend.clone(), CacheScope::Pod);
+        backend.fail_with(Some(UpstreamError::new(
+            FailureKind::Rejected { status: 404 },
+            "ResourceNotFoundException",
+            "no association",
+        )));
+        let id = identity("t", "sa", Some("u1"));
+        let other_pod = identity("t2", "sa", Some("u2"));
+        for _ in 0..20 {
+            let e = cache.get(&id).await.unwrap_err();
+            assert!(
+                matches!(e, CacheError::Upstream(ref u) if u.code == "ResourceNotFoundException"),
+                "{e:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            backend.calls(),
+            1,
+            "one upstream call for 20 requests in 2 s"
+        );
+        // Another pod is its own key and asks for itself.
+        assert!(cache.get(&other_pod).await.is_err());
+        assert_eq!(backend.calls(), 2);
+        // Once the association exists, the pod gets credentials within REFUSAL_TTL.
+        backend.fail_with(None);
+        tokio::time::sleep(REFUSAL_TTL).await;
+        assert!(cache.get(&id).await.is_ok());
+        assert_eq!(backend.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_refusals_are_not_remembered() {
+        // A refused token says nothing about the pod's next token: ask again.
+        let backend = FakeBackend::new(Duration::from_millis(10));
+        let cache = cache(backend.clone(), CacheScope::Pod);
+        backend.fail_with(Some(UpstreamError::new(
+            FailureKind::Rejected { status: 400 },
+            "InvalidTokenException",
+            "bad token",
+        )));
+        let id = identity("t", "sa", Some("u1"));
+        for _ in 0..3 {
+            assert!(cache.get(&id).await.is_err());
+        }
+        assert_eq!(backend.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sts_revocation_on_refresh_drops_the_entry() {
+        let backend = FakeBackend::new(Duration::from_millis(10));
+        let cache = cache(backend.clone(), CacheScope::Pod);
+        let id = identity("t", "sa", Some("u1"));
+        in_use(&cache, &id).await;
+        backend.fail_with(Some(UpstreamError::new(
+            FailureKind::Rejected { status: 403 },
+            "AccessDenied",
+            "not authorized to perform sts:AssumeRoleWithWebIdentity",
+        )));
+        tokio::time::sleep(46 * MINUTE).await;
+        assert!(
+            cache.get(&id).await.is_err(),
+            "credentials of a role the pod lost are not served"
+        );
+        assert!(cache.metrics.encode().contains("reason=\"revoked\"} 1"));
     }
 
     #[tokio::test(start_paused = true)]

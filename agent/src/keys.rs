@@ -347,19 +347,7 @@ impl KeyStore {
             .parse()
             .map_err(|e| KeysError::Fetch(url.clone(), format!("{e}")))?;
         let doc = http.get(&uri).await?;
-        let value: serde_json::Value = serde_json::from_slice(&doc)
-            .map_err(|e| KeysError::Invalid(format!("discovery document is not JSON: {e}")))?;
-        let jwks = value
-            .get("jwks_uri")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| KeysError::Invalid("discovery document has no jwks_uri".into()))?;
-        let jwks: Uri = jwks
-            .parse()
-            .map_err(|_| KeysError::Invalid("jwks_uri is not a URL".into()))?;
-        if !matches!(jwks.scheme_str(), Some("http") | Some("https")) {
-            return Err(KeysError::Invalid("jwks_uri is not an http(s) URL".into()));
-        }
-        Ok(jwks)
+        jwks_uri_from_discovery(&doc)
     }
 
     /// Keep the key set fresh until `shutdown` fires.
@@ -599,6 +587,23 @@ pub mod signing {
             Ok(format!("{input}.{}", b64(&sig)))
         }
     }
+}
+
+/// The `jwks_uri` of an OIDC discovery document: an http(s) URL, or an error saying why not.
+pub fn jwks_uri_from_discovery(doc: &[u8]) -> Result<Uri, KeysError> {
+    let value: serde_json::Value = serde_json::from_slice(doc)
+        .map_err(|e| KeysError::Invalid(format!("discovery document is not JSON: {e}")))?;
+    let jwks = value
+        .get("jwks_uri")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| KeysError::Invalid("discovery document has no jwks_uri".into()))?;
+    let jwks: Uri = jwks
+        .parse()
+        .map_err(|_| KeysError::Invalid("jwks_uri is not a URL".into()))?;
+    if !matches!(jwks.scheme_str(), Some("http") | Some("https")) || jwks.host().is_none() {
+        return Err(KeysError::Invalid("jwks_uri is not an http(s) URL".into()));
+    }
+    Ok(jwks)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use benches::fake_eks_auth::fake_credentials;
+use benches::fake_upstream::fake_credentials;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use benches::client::{header_values, Target};
-use benches::fake_eks_auth::FakeEksAuth;
+use benches::fake_upstream::FakeUpstream;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hyper::StatusCode;
@@ -35,7 +35,7 @@ fn whole_request(c: &mut Criterion) {
         let token = issuer.token(&Pod::numbered("request", 0)).expect("sign");
         let token = header_values(&[token]).expect("header value").remove(0);
         let (agent, _fake, target) = rt.block_on(async {
-            let fake = FakeEksAuth::start("bench", Duration::ZERO)
+            let fake = FakeUpstream::start("bench", Duration::ZERO)
                 .await
                 .expect("EKS Auth fake");
             let config = Config {

@@ -7,7 +7,7 @@
 //!   server (the baseline) with the same client and prints one table per scenario.
 //!
 //! The modules here are what both share: pods and their signed tokens ([`pods`]), a
-//! wire-level EKS Auth fake ([`fake_eks_auth`]), a bare HTTP/1.1 server loop ([`server`]) and
+//! wire-level EKS Auth and STS fake ([`fake_upstream`]), a bare HTTP/1.1 server loop ([`server`]) and
 //! the baseline built on it ([`baseline`]), a keep-alive client ([`client`]), the load
 //! patterns ([`drive`]), child processes ([`process`]) and the result table ([`report`]).
 
@@ -17,7 +17,7 @@
 pub mod baseline;
 pub mod client;
 pub mod drive;
-pub mod fake_eks_auth;
+pub mod fake_upstream;
 pub mod pods;
 pub mod process;
 pub mod report;

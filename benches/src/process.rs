@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -190,6 +191,47 @@ pub fn wait_for_line(stdout: ChildStdout, prefix: &str, limit: Duration) -> Opti
         }
     });
     rx.recv_timeout(limit).ok()
+}
+
+/// `explicit`, or the agent built next to the running executable by the same cargo profile.
+pub fn locate_agent(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("this executable's path: {e}"))?
+            .parent()
+            .ok_or("this executable has no directory")?
+            .join("pod-identity-agent"),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "no agent binary at {}; build it first: cargo build --release -p pod-identity-agent",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// The environment of an agent child: dummy AWS credentials (the agent signs its EKS Auth
+/// calls) that keep the SDK away from any real credentials, profile or instance metadata on
+/// the machine; no `RUST_LOG`; and none of the `POD_IDENTITY_AGENT_*` variables the agent
+/// reads its flags from. Standard input and output are closed.
+pub fn isolate_agent(cmd: &mut Command) {
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIDBENCHFAKE")
+        .env("AWS_SECRET_ACCESS_KEY", "bench-fake-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("POD_IDENTITY_AGENT_") {
+            cmd.env_remove(name);
+        }
+    }
 }
 
 #[cfg(test)]

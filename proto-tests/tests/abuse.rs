@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proto_tests::http::{self, RawRequest, RawResponse};
 use proto_tests::metrics;
-use proto_tests::{Pod, TestBed};
+use proto_tests::{Fault, Pod, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -239,12 +239,22 @@ async fn two_authorization_headers_are_400() {
 async fn a_megabyte_authorization_header_is_refused_and_others_are_served() {
     let bed = TestBed::start().await;
     let addr = bed.agent.credentials_addr();
+    // 64 KiB is over the agent's 16 KiB head limit but under hyper's own default (about
+    // 400 KiB), so this answer is the agent's limit at work, not the library's.
+    for size in [64 * 1024, 1024 * 1024] {
+        assert_oversized_header_refused(addr, size).await;
+    }
+    assert_eq!(bed.upstream.calls(), 0);
+    assert_still_serves(&bed).await;
+}
+
+async fn assert_oversized_header_refused(addr: std::net::SocketAddr, size: usize) {
     let request = RawRequest::get("/v1/credentials")
         .header("Host", addr.to_string())
-        .header("Authorization", "a".repeat(1024 * 1024))
+        .header("Authorization", "a".repeat(size))
         .header("Connection", "close");
     match http::send_bytes(addr, &request.to_bytes(), false, WAIT).await {
-        Ok(response) => assert_eq!(response.status, 431, "{response:?}"),
+        Ok(response) => assert_eq!(response.status, 431, "{size} bytes: {response:?}"),
         // The agent may close (or reset) before the client has written it all.
         Err(e) => assert!(
             matches!(
@@ -253,11 +263,9 @@ async fn a_megabyte_authorization_header_is_refused_and_others_are_served() {
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::UnexpectedEof
             ),
-            "{e}"
+            "{size} bytes: {e}"
         ),
     }
-    assert_eq!(bed.upstream.calls(), 0);
-    assert_still_serves(&bed).await;
 }
 
 #[tokio::test]
@@ -307,5 +315,94 @@ async fn non_utf8_authorization_and_host_are_4xx() {
         );
     }
     assert_eq!(bed.upstream.calls(), 0, "no bad request reaches EKS Auth");
+    assert_still_serves(&bed).await;
+}
+
+/// What a compromised or broken EKS Auth might send with a 200: credentials for another
+/// service account, header-injecting fields, an absurd expiration, a body of many megabytes.
+fn hostile_bodies() -> Vec<(&'static str, String)> {
+    let good = |subject: serde_json::Value, creds: serde_json::Value| {
+        serde_json::json!({
+            "subject": subject,
+            "audience": "pods.eks.amazonaws.com",
+            "podIdentityAssociation": {"associationArn": "arn:aws:eks:us-west-2:111122223333:podidentityassociation/c/a-1", "associationId": "a-1"},
+            "assumedRoleUser": {"arn": "arn:aws:sts::111122223333:assumed-role/app/s", "assumedRoleId": "AROAX:s"},
+            "credentials": creds,
+        })
+        .to_string()
+    };
+    let team_a = serde_json::json!({"namespace": "team-a", "serviceAccount": "app"});
+    let creds = |token: &str, expiration: u64| {
+        serde_json::json!({
+            "accessKeyId": "ASIAHOSTILEEXAMPLE01",
+            "secretAccessKey": "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
+            "sessionToken": token,
+            "expiration": expiration,
+        })
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    vec![
+        (
+            "another service account",
+            good(
+                serde_json::json!({"namespace": "kube-system", "serviceAccount": "admin"}),
+                creds("IQoJb3JpZ2luX2Vj", now + 3600),
+            ),
+        ),
+        (
+            "a header injection",
+            good(team_a.clone(), creds("x\r\nX-Injected: 1", now + 3600)),
+        ),
+        (
+            "a ten-year expiration",
+            good(
+                team_a.clone(),
+                creds("IQoJb3JpZ2luX2Vj", now + 10 * 365 * 86400),
+            ),
+        ),
+        (
+            "an 8 MiB body",
+            good(team_a, creds(&"T".repeat(8 << 20), now + 3600)),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_upstream_answers_never_reach_the_pod() {
+    let bed = TestBed::start().await;
+    let token = bed.token(&pod());
+    for (what, body) in hostile_bodies() {
+        bed.upstream.set_fault(Fault::Raw {
+            status: 200,
+            body: body.into(),
+        });
+        let started = Instant::now();
+        let response = bed.agent.fetch_credentials(&token).await;
+        assert_eq!(response.status, 502, "{what}: {response:?}");
+        assert_eq!(
+            response.json_str("code").as_deref(),
+            Some("InvalidUpstreamResponse"),
+            "{what}: {response:?}"
+        );
+        assert!(
+            !response.text().contains("ASIAHOSTILE"),
+            "{what}: the upstream's key reached the pod"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    }
+    wait_for_metric(
+        &bed,
+        "pod_identity_agent_upstream_calls_total{outcome=\"invalid_response\"}",
+        |v| v >= 4.0,
+    )
+    .await;
+    bed.upstream.set_fault(Fault::Ok);
     assert_still_serves(&bed).await;
 }

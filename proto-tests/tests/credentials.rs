@@ -117,6 +117,38 @@ async fn upstream_resource_not_found_is_404_with_its_code() {
 }
 
 #[tokio::test]
+async fn a_pod_without_an_association_does_not_cost_an_upstream_call_per_request() {
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::resource_not_found());
+    let pod = Pod::new("ns", "unassociated", "p");
+    let token = bed.token(&pod);
+    for _ in 0..20 {
+        let response = bed.agent.fetch_credentials(&token).await;
+        assert_eq!(response.status, 404, "{response:?}");
+        assert_eq!(assert_error_body(&response), "ResourceNotFoundException");
+    }
+    assert_eq!(
+        bed.upstream.calls_for_pod(&pod.uid),
+        1,
+        "the refusal is remembered for a few seconds"
+    );
+    // Once the association exists, the pod gets credentials within the refusal's lifetime.
+    bed.upstream.set_fault(Fault::Ok);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let response = bed.agent.fetch_credentials(&token).await;
+        if response.status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused 8 s after the association appeared: {response:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
 async fn upstream_access_denied_passes_its_code() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::access_denied());

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use proto_tests::agent::CREDENTIALS_PATH;
+use proto_tests::agent::{send_to, CREDENTIALS_PATH};
 use proto_tests::assertions::{
     assert_credentials, assert_error_body, assert_token_rejected, only_issued,
 };
@@ -384,8 +384,8 @@ async fn http10_without_host_is_400() {
     assert_eq!(bed.upstream.calls(), 0);
 }
 
-#[tokio::test]
-async fn jwks_url_is_a_key_source() {
+/// An agent reading its keys from a JWKS URL that serves the shared RSA key.
+async fn with_jwks_url() -> (&'static TestKeys, FakeJwks, FakeEksAuth, Agent) {
     let keys = TestKeys::shared();
     let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
     let upstream = FakeEksAuth::start().await;
@@ -393,6 +393,12 @@ async fn jwks_url_is_a_key_source() {
         .args(["--jwks-url", &issuer.jwks_url()])
         .start()
         .await;
+    (keys, issuer, upstream, agent)
+}
+
+#[tokio::test]
+async fn jwks_url_is_a_key_source() {
+    let (keys, issuer, upstream, agent) = with_jwks_url().await;
     assert!(issuer.jwks_fetches() >= 1, "the JWKS URL was never fetched");
     let pod = pod();
     let forged = pod
@@ -447,13 +453,7 @@ async fn accepted_eventually(agent: &Agent, token: &str) -> proto_tests::http::R
 
 #[tokio::test]
 async fn unknown_kid_triggers_a_jwks_refetch() {
-    let keys = TestKeys::shared();
-    let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
-    let upstream = FakeEksAuth::start().await;
-    let agent = Agent::builder(upstream.url())
-        .args(["--jwks-url", &issuer.jwks_url()])
-        .start()
-        .await;
+    let (keys, issuer, upstream, agent) = with_jwks_url().await;
     let before = issuer.jwks_fetches();
     // The signer rotates to a new key; the agent has not seen it yet.
     issuer.set_jwks(jwks(&[&keys.rsa, &keys.ec]));
@@ -461,6 +461,49 @@ async fn unknown_kid_triggers_a_jwks_refetch() {
     let response = accepted_eventually(&agent, &token).await;
     assert_credentials(&response, &only_issued(&upstream));
     assert!(issuer.jwks_fetches() > before, "JWKS was not re-fetched");
+}
+
+/// A stream of tokens naming key ids the agent has never seen must not turn into a stream of
+/// JWKS fetches (the issuer would rate-limit the node, or the agent would amplify a flood).
+#[tokio::test]
+async fn unknown_kid_floods_cause_at_most_one_jwks_refetch_per_interval() {
+    let (keys, issuer, upstream, agent) = with_jwks_url().await;
+    let before = issuer.jwks_fetches();
+    let pod = pod();
+    let forged: Vec<String> = (0..200)
+        .map(|i| {
+            pod.token()
+                .kid(format!("never-seen-{i}"))
+                .sign(TestKeys::untrusted_rsa())
+        })
+        .collect();
+    // Two waves, 1 s apart, both well inside the 10 s pacing interval.
+    let addr = agent.credentials_addr();
+    for wave in forged.chunks(100) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for token in wave {
+            let token = token.clone();
+            tasks.spawn(async move {
+                send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let response = joined.expect("request task").expect("a response");
+            assert_token_rejected(&response, "unknown kid");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let refetches = issuer.jwks_fetches() - before;
+    assert!(
+        refetches <= 1,
+        "{refetches} JWKS fetches for 200 unknown-kid tokens in about 2 s"
+    );
+    assert_eq!(upstream.calls(), 0);
+    // The agent still serves tokens signed with the key it has.
+    assert_credentials(
+        &agent.fetch_credentials(&pod.token().sign(&keys.rsa)).await,
+        &only_issued(&upstream),
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@ use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodId
 
 use super::{
     account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
-    Backend, CodePolicy, Credentials, FetchFuture, SetupError, UpstreamError,
+    Backend, CodePolicy, Credentials, FetchFuture, ResponseSizeLimit, SetupError, SharedHttpClient,
+    UpstreamError,
 };
 use crate::config::Config;
 use crate::token::Identity;
@@ -24,8 +25,24 @@ pub struct EksAuth {
 
 impl EksAuth {
     pub async fn new(config: &Config) -> Result<EksAuth, SetupError> {
-        let sdk = sdk_config(config, false).await?;
-        let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk);
+        Self::build(config, None).await
+    }
+
+    /// The same backend sending its calls through `http_client` (tests, fuzzing).
+    pub async fn with_http_client(
+        config: &Config,
+        http_client: SharedHttpClient,
+    ) -> Result<EksAuth, SetupError> {
+        Self::build(config, Some(http_client)).await
+    }
+
+    async fn build(
+        config: &Config,
+        http_client: Option<SharedHttpClient>,
+    ) -> Result<EksAuth, SetupError> {
+        let sdk = sdk_config(config, false, http_client).await?;
+        let mut builder =
+            aws_sdk_eksauth::config::Builder::from(&sdk).interceptor(ResponseSizeLimit);
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint.clone());
         }
@@ -47,13 +64,27 @@ impl Backend for EksAuth {
                 .send()
                 .await
                 .map_err(|e| classify(e, &POLICY))?;
-            credentials_from(out)
+            credentials_from(out, identity)
         }))
     }
 }
 
-fn credentials_from(out: AssumeRoleForPodIdentityOutput) -> Result<Credentials, UpstreamError> {
+fn credentials_from(
+    out: AssumeRoleForPodIdentityOutput,
+    identity: &Identity,
+) -> Result<Credentials, UpstreamError> {
     let invalid = |what: &str| invalid_response(SERVICE, what);
+    // EKS Auth names the service account it issued for. For a verified token that must be
+    // the token's own: anything else is a response to some other request, and serving it
+    // would hand this pod another workload's role.
+    let subject = out.subject().ok_or_else(|| invalid("has no subject"))?;
+    if let Some(claims) = &identity.verified {
+        if subject.namespace() != claims.namespace
+            || subject.service_account() != claims.service_account
+        {
+            return Err(invalid("names a different service account than the token"));
+        }
+    }
     let creds = out
         .credentials()
         .ok_or_else(|| invalid("has no credentials"))?;

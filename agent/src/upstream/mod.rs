@@ -16,7 +16,10 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_eksauth::config::http::HttpResponse;
+use aws_sdk_eksauth::config::interceptors::BeforeDeserializationInterceptorContextMut;
+use aws_sdk_eksauth::config::{ConfigBag, Intercept, RuntimeComponents, SharedHttpClient};
 use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_types::body::SdkBody;
 
 use crate::config::Config;
 use crate::token::Identity;
@@ -38,6 +41,17 @@ const MAX_ATTEMPTS: u32 = 2;
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Upstream messages are shown to pods; keep them bounded.
 const MAX_MESSAGE_LEN: usize = 512;
+/// Largest upstream response body read. A real answer is 2-4 KiB; anything past this is a
+/// broken or hostile upstream, and reading it would cost memory per in-flight call.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Furthest expiration accepted: STS role sessions last at most 12 h and EKS Auth's 6 h, so
+/// twice the longest leaves room for clock skew and nothing for an absurd date, which would
+/// keep a pod on credentials that stop working long before the date it was told.
+pub const MAX_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Access key IDs: 16-128 word characters (IAM's own bounds).
+const ACCESS_KEY_ID_LEN: std::ops::RangeInclusive<usize> = 16..=128;
+/// Secret access keys are 40 characters; allow some room, no more.
+const MAX_SECRET_LEN: usize = 256;
 
 /// A configuration problem found while setting up a backend (exit 64).
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +63,11 @@ pub struct SetupError {
 
 /// The AWS SDK configuration both backends start from: explicit timeouts, no SDK retries,
 /// the region from `--region` or the SDK's chain.
-async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkConfig, SetupError> {
+async fn sdk_config(
+    config: &Config,
+    anonymous: bool,
+    http_client: Option<SharedHttpClient>,
+) -> Result<aws_config::SdkConfig, SetupError> {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .operation_attempt_timeout(ATTEMPT_TIMEOUT)
@@ -58,7 +76,7 @@ async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkC
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::disabled())
-        .http_client(http_client_with_proxy_from_env());
+        .http_client(http_client.unwrap_or_else(http_client_with_proxy_from_env));
     if let Some(region) = &config.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -88,7 +106,7 @@ async fn sdk_config(config: &Config, anonymous: bool) -> Result<aws_config::SdkC
 /// The SDK's default HTTPS client, plus `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the
 /// environment: nodes in private subnets often reach AWS only through a proxy, and the SDK's
 /// default client ignores those variables.
-fn http_client_with_proxy_from_env() -> aws_sdk_eksauth::config::SharedHttpClient {
+fn http_client_with_proxy_from_env() -> SharedHttpClient {
     use aws_smithy_http_client::{proxy::ProxyConfig, tls, Connector};
     aws_smithy_http_client::Builder::new().build_with_connector_fn(|settings, components| {
         let mut builder = Connector::builder().proxy_config(ProxyConfig::from_env());
@@ -138,6 +156,31 @@ impl aws_credential_types::provider::ProvideCredentials for RotatingSharedFile {
                 "rotating-shared-credentials-file",
             ))
         })
+    }
+}
+
+/// Caps every upstream response body at [`MAX_RESPONSE_BYTES`]: the SDK reads a body whole
+/// before parsing it, so without this a hostile or broken endpoint could make each in-flight
+/// call hold as much memory as it cares to send within the attempt timeout. A longer body
+/// fails the read, which [`classify`] reports as an invalid response.
+#[derive(Debug)]
+struct ResponseSizeLimit;
+
+impl Intercept for ResponseSizeLimit {
+    fn name(&self) -> &'static str {
+        "ResponseSizeLimit"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_eksauth::error::BoxError> {
+        let body = context.response_mut().body_mut();
+        let inner = std::mem::replace(body, SdkBody::taken());
+        *body = SdkBody::from_body_1_x(http_body_util::Limited::new(inner, MAX_RESPONSE_BYTES));
+        Ok(())
     }
 }
 
@@ -255,8 +298,10 @@ where
     }
 }
 
-/// Credentials from a 200 response of either service, checked: no empty field, a
-/// representable expiration.
+/// Credentials from a 200 response of either service, checked as untrusted input: key
+/// fields present, of the right shape and size (they end up in the pod's HTTP headers), and
+/// an expiration no further away than any real session lasts. Too soon is the cache's call
+/// (`MIN_SERVABLE_LIFETIME`).
 fn checked_credentials(
     service: &str,
     access_key_id: &str,
@@ -265,10 +310,31 @@ fn checked_credentials(
     expiration: aws_sdk_eksauth::primitives::DateTime,
     account_id: &str,
 ) -> Result<Credentials, UpstreamError> {
+    let invalid = |what: &str| invalid_response(service, what);
     let expiration = SystemTime::try_from(expiration)
-        .map_err(|_| invalid_response(service, "has an unrepresentable expiration"))?;
+        .map_err(|_| invalid("has an unrepresentable expiration"))?;
     if access_key_id.is_empty() || secret_access_key.is_empty() || session_token.is_empty() {
-        return Err(invalid_response(service, "has empty credential fields"));
+        return Err(invalid("has empty credential fields"));
+    }
+    if !ACCESS_KEY_ID_LEN.contains(&access_key_id.len())
+        || !access_key_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(invalid("has a malformed access key ID"));
+    }
+    if secret_access_key.len() > MAX_SECRET_LEN || !is_visible_ascii(secret_access_key) {
+        return Err(invalid("has a malformed secret access key"));
+    }
+    if !is_visible_ascii(session_token) {
+        return Err(invalid("has a malformed session token"));
+    }
+    let now = SystemTime::now();
+    if expiration <= now {
+        return Err(invalid("has credentials that have already expired"));
+    }
+    if expiration > now + MAX_CREDENTIAL_LIFETIME {
+        return Err(invalid("has an expiration more than 24 h away"));
     }
     Ok(Credentials {
         access_key_id: access_key_id.to_owned(),
@@ -277,6 +343,11 @@ fn checked_credentials(
         account_id: account_id.to_owned(),
         expiration,
     })
+}
+
+/// Printable ASCII without spaces: what a header value built from it can carry as is.
+fn is_visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// An unusable 200 from `service`.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use super::{
     account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
-    Backend, CodePolicy, Credentials, FailureKind, FetchFuture, SetupError, UpstreamError,
+    Backend, CodePolicy, Credentials, FailureKind, FetchFuture, ResponseSizeLimit, SetupError,
+    SharedHttpClient, UpstreamError,
 };
 use crate::associations::{Association, AssociationStore};
 use crate::config::Config;
@@ -58,8 +59,25 @@ impl Sts {
         config: &Config,
         associations: Arc<AssociationStore>,
     ) -> Result<Sts, SetupError> {
-        let sdk = sdk_config(config, true).await?;
-        let mut builder = aws_sdk_sts::config::Builder::from(&sdk);
+        Self::build(config, associations, None).await
+    }
+
+    /// The same backend sending its calls through `http_client` (tests, fuzzing).
+    pub async fn with_http_client(
+        config: &Config,
+        associations: Arc<AssociationStore>,
+        http_client: SharedHttpClient,
+    ) -> Result<Sts, SetupError> {
+        Self::build(config, associations, Some(http_client)).await
+    }
+
+    async fn build(
+        config: &Config,
+        associations: Arc<AssociationStore>,
+        http_client: Option<SharedHttpClient>,
+    ) -> Result<Sts, SetupError> {
+        let sdk = sdk_config(config, true, http_client).await?;
+        let mut builder = aws_sdk_sts::config::Builder::from(&sdk).interceptor(ResponseSizeLimit);
         let region = sdk
             .region()
             .map(|r| r.as_ref().to_owned())
@@ -195,10 +213,17 @@ fn credentials_from(
     let creds = out
         .credentials()
         .ok_or_else(|| invalid("has no credentials"))?;
-    let arn = out.assumed_role_user().map(|u| u.arn()).unwrap_or(role_arn);
-    let account_id = account_of_arn(arn)
-        .or_else(|| account_of_arn(role_arn))
-        .ok_or_else(|| invalid("has a role ARN without an account"))?;
+    // The account is the associated role's. An assumed-role user in another account means
+    // the answer is not for the role this pod is associated with.
+    let account_id =
+        account_of_arn(role_arn).ok_or_else(|| invalid("has a role ARN without an account"))?;
+    if let Some(user) = out.assumed_role_user() {
+        if account_of_arn(user.arn()) != Some(account_id) {
+            return Err(invalid(
+                "names an assumed role outside the associated role's account",
+            ));
+        }
+    }
     checked_credentials(
         SERVICE,
         creds.access_key_id(),

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use benches::baseline;
 use benches::client::{header_values, Reply, Target};
 use benches::drive::{self, Stats, SteadyPlan, SweepPlan};
-use benches::fake_eks_auth::FakeEksAuth;
+use benches::fake_upstream::FakeUpstream;
 use benches::pods::{Alg, Issuer, Pod};
 use benches::process::{self, ChildProcess};
 use benches::report::{self, Row};
@@ -216,21 +216,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 /// `--agent-bin`, or the agent built next to this executable by the same cargo profile.
 fn locate_agent(args: &Args) -> Result<PathBuf, BoxError> {
-    let path = match &args.agent_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or("this executable has no directory")?
-            .join("pod-identity-agent"),
-    };
-    if !path.is_file() {
-        return Err(format!(
-            "no agent binary at {}; build it first: cargo build --release -p pod-identity-agent",
-            path.display()
-        )
-        .into());
-    }
-    Ok(path)
+    Ok(process::locate_agent(args.agent_bin.as_deref())?)
 }
 
 /// An agent child process and how to reach it.
@@ -252,7 +238,7 @@ struct Lab {
     dir: tempfile::TempDir,
     jwks: PathBuf,
     issuer: Arc<Issuer>,
-    fake: FakeEksAuth,
+    fake: FakeUpstream,
     baseline: Option<Baseline>,
     started: Instant,
 }
@@ -270,7 +256,7 @@ impl Lab {
         let issuer = Arc::new(Issuer::generate(alg)?);
         let jwks = dir.path().join("jwks.json");
         std::fs::write(&jwks, issuer.jwks())?;
-        let fake = FakeEksAuth::start(CLUSTER, args.upstream_latency).await?;
+        let fake = FakeUpstream::start(CLUSTER, args.upstream_latency).await?;
         Ok(Lab {
             args,
             agent_bin,
@@ -393,25 +379,8 @@ impl Lab {
             .arg(&self.jwks)
             .args(["--caller-rate-limit", "0", "--global-rate-limit", "0"])
             .args(["--log-format", "json", "--log-level", "warn"])
-            .args(extra)
-            // The agent signs its EKS Auth calls; these dummies keep the SDK away from any
-            // real credentials, profile or instance metadata on the machine.
-            .env("AWS_ACCESS_KEY_ID", "AKIDLOADTESTFAKE")
-            .env("AWS_SECRET_ACCESS_KEY", "load-test-fake-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        // The agent reads every flag from POD_IDENTITY_AGENT_* too; none may leak in.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("POD_IDENTITY_AGENT_") {
-                cmd.env_remove(name);
-            }
-        }
+            .args(extra);
+        process::isolate_agent(&mut cmd);
         let mut process = ChildProcess::spawn("agent", cmd)?;
         if self.args.agent_wrapper.is_some() {
             process.set_grace(WRAPPED_GRACE);

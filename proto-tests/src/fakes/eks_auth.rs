@@ -47,6 +47,9 @@ pub enum Fault {
     },
     /// Accept the request and never answer.
     Hang,
+    /// Answer with exactly this status and body (`application/json`): a broken or hostile
+    /// upstream.
+    Raw { status: u16, body: Bytes },
 }
 
 impl Fault {
@@ -333,6 +336,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             error_type,
             message,
         } => return error(status, &error_type, &message),
+        Fault::Raw { status, body } => {
+            let mut response = Response::new(Full::new(body));
+            *response.status_mut() =
+                hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            return response;
+        }
     }
     let Some(subject) = subject else {
         return error(
