@@ -622,16 +622,15 @@ impl CredentialCache {
         let _ = tx.send(Some(served));
         if origin == Origin::Refresh {
             self.metrics.refresh(outcome);
-            if outcome == "success" {
-                self.metrics
-                    .refresh_budget
-                    .set(self.budget.on_success().await);
-            }
+        }
+        // Any call the upstream answered with credentials, on the request path or in the
+        // background, says it has room again: otherwise a budget throttled down while clients
+        // do the refetching would stay at its floor for good.
+        if outcome == "success" {
+            self.metrics.refresh_budget.set(self.budget.on_success());
         }
         if throttled {
-            self.metrics
-                .refresh_budget
-                .set(self.budget.on_throttled().await);
+            self.metrics.refresh_budget.set(self.budget.on_throttled());
         }
         if outcome == "revoked" {
             // The credentials were dropped above; count that even if moka has already expired
@@ -725,7 +724,22 @@ impl CredentialCache {
             }
             Decision::Nothing => return,
         };
-        self.budget.acquire().await;
+        // Wait for budget at most until the credentials stop being fresh: from then on the
+        // next request refetches anyway, and a refresh still queued would only hold memory
+        // (an upstream that throttles for long would otherwise grow the queue without end).
+        let fresh_until = slot.lock().current.as_ref().map(|c| c.fresh_until);
+        let waited = match fresh_until {
+            Some(until) => tokio::time::timeout_at(until, self.budget.acquire())
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if !waited {
+            slot.lock().refreshing = false;
+            self.metrics.refresh("skipped");
+            tracing::debug!(key = %key.describe(), "no refresh budget before the credentials went stale; the next request refetches");
+            return;
+        }
         let tx = {
             let mut state = slot.lock();
             if state.generation != generation || state.inflight.is_some() {
@@ -1128,6 +1142,43 @@ mod tests {
             "{}",
             cache.metrics.refresh_budget.get()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_do_not_pile_up_behind_a_throttled_budget() {
+        // 100 pods on 10-minute credentials need a refresh every 3 s; a budget throttled to
+        // its floor grants one every 5.3 s. Clients keep asking, so the request path refetches
+        // what the background cannot. Waiting refreshes must stay bounded by the entries.
+        let backend = Arc::new(FakeBackend {
+            calls: 0.into(),
+            call_times: Mutex::new(Vec::new()),
+            latency: Duration::from_millis(10),
+            lifetime: 10 * MINUTE,
+            fail: Mutex::new(None),
+        });
+        let cache = cache(backend.clone(), CacheScope::Pod);
+        let ids: Vec<Identity> = (0..100)
+            .map(|i| identity(&format!("t{i}"), "sa", Some(&format!("u{i}"))))
+            .collect();
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let mut most = 0;
+        for _minute in 0..60 {
+            // The upstream keeps throttling background refreshes.
+            for _ in 0..10 {
+                cache.budget.on_throttled();
+            }
+            for id in &ids {
+                cache.get(id).await.unwrap();
+            }
+            tokio::time::sleep(MINUTE).await;
+            most = most.max(tasks());
+        }
+        assert!(most < 300, "{most} tasks alive for 100 entries");
+        assert!(cache.metrics.encode().contains("outcome=\"skipped\""));
     }
 
     #[tokio::test(start_paused = true)]

@@ -162,48 +162,72 @@ impl RequestLimiter {
 
 /// The background refresh budget: a token bucket whose rate backs off when the upstream
 /// throttles (halved, down to a floor) and recovers additively with each success.
+///
+/// Refreshes queue for tokens in order (tokio's mutex is fair) and may sleep while holding
+/// the bucket; the rate lives apart, behind a plain mutex, so a rate change never waits behind
+/// that queue. (It used to: a throttled upstream left the rate at its floor and every
+/// `on_success` stuck behind the sleepers, so the queue, and the memory of its waiting
+/// refreshes, grew for as long as the agent ran.)
 pub struct RefreshBudget {
     max_rate: f64,
+    rate: std::sync::Mutex<f64>,
     bucket: tokio::sync::Mutex<TokenBucket>,
 }
 
 /// The budget never drops below this share of its configured rate.
 const MIN_RATE_FRACTION: f64 = 1.0 / 16.0;
-/// Each successful refresh gives back this share of the configured rate.
+/// Each successful upstream call gives back this share of the configured rate.
 const RECOVERY_FRACTION: f64 = 1.0 / 20.0;
+/// A sleeping waiter looks at the rate again at least this often, so a recovery is felt soon.
+const RATE_RECHECK: Duration = Duration::from_secs(1);
 
 impl RefreshBudget {
     pub fn new(max_rate: f64) -> Self {
         // Burst of one second's worth: a refresh wave is spread over time, not fired at once.
         RefreshBudget {
             max_rate,
+            rate: std::sync::Mutex::new(max_rate),
             bucket: tokio::sync::Mutex::new(TokenBucket::new(max_rate, max_rate, Instant::now())),
         }
     }
 
-    /// Wait for a token. Waiters queue in order (tokio's mutex is fair).
+    /// The current rate (tokens per second).
+    pub fn rate(&self) -> f64 {
+        *self.rate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for a token. Waiters queue in order; a caller that stops waiting (its future is
+    /// dropped) leaves the queue.
     pub async fn acquire(&self) {
         let mut bucket = self.bucket.lock().await;
         loop {
-            match bucket.try_take(Instant::now()) {
+            let now = Instant::now();
+            let rate = self.rate();
+            if rate != bucket.rate() {
+                bucket.set_rate(rate, now);
+            }
+            match bucket.try_take(now) {
                 Ok(()) => return,
-                Err(wait) => tokio::time::sleep(wait).await,
+                Err(wait) => {
+                    let wait = wait.clamp(Duration::from_millis(1), RATE_RECHECK);
+                    tokio::time::sleep(wait).await
+                }
             }
         }
     }
 
-    pub async fn on_throttled(&self) -> f64 {
-        let mut bucket = self.bucket.lock().await;
-        let rate = (bucket.rate() / 2.0).max(self.max_rate * MIN_RATE_FRACTION);
-        bucket.set_rate(rate, Instant::now());
-        rate
+    pub fn on_throttled(&self) -> f64 {
+        self.adjust(|rate| (rate / 2.0).max(self.max_rate * MIN_RATE_FRACTION))
     }
 
-    pub async fn on_success(&self) -> f64 {
-        let mut bucket = self.bucket.lock().await;
-        let rate = (bucket.rate() + self.max_rate * RECOVERY_FRACTION).min(self.max_rate);
-        bucket.set_rate(rate, Instant::now());
-        rate
+    pub fn on_success(&self) -> f64 {
+        self.adjust(|rate| (rate + self.max_rate * RECOVERY_FRACTION).min(self.max_rate))
+    }
+
+    fn adjust(&self, f: impl FnOnce(f64) -> f64) -> f64 {
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        *rate = f(*rate);
+        *rate
     }
 }
 
@@ -262,21 +286,49 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn budget_backs_off_and_recovers() {
         let budget = RefreshBudget::new(4.0);
-        assert_eq!(budget.on_throttled().await, 2.0);
-        assert_eq!(budget.on_throttled().await, 1.0);
+        assert_eq!(budget.on_throttled(), 2.0);
+        assert_eq!(budget.on_throttled(), 1.0);
         for _ in 0..10 {
-            budget.on_throttled().await;
+            budget.on_throttled();
         }
         assert_eq!(
-            budget.on_throttled().await,
+            budget.on_throttled(),
             0.25,
             "floor at 1/16 of the configured rate"
         );
         let mut rate = 0.0;
         for _ in 0..20 {
-            rate = budget.on_success().await;
+            rate = budget.on_success();
         }
         assert_eq!(rate, 4.0, "additive recovery back to the configured rate");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recovery_is_not_held_up_by_queued_waiters() {
+        let budget = std::sync::Arc::new(RefreshBudget::new(2.0));
+        for _ in 0..10 {
+            budget.on_throttled();
+        }
+        assert_eq!(budget.rate(), 0.125);
+        let mut waiters = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let budget = budget.clone();
+            waiters.spawn(async move { budget.acquire().await });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The upstream answers again: the rate comes back at once, with waiters queued...
+        for _ in 0..20 {
+            budget.on_success();
+        }
+        assert_eq!(budget.rate(), 2.0);
+        // ...and the queue drains at the new rate (20 at 0.125/s would take 160 s).
+        let start = Instant::now();
+        while waiters.join_next().await.is_some() {}
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

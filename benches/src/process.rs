@@ -108,6 +108,11 @@ impl ChildProcess {
         rss_kib(self.pid())
     }
 
+    /// Its anonymous resident memory in KiB (see [`anon_rss_kib`]).
+    pub fn anon_rss_kib(&self) -> Option<u64> {
+        anon_rss_kib(self.pid())
+    }
+
     /// Its exit status, if it has already exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -153,10 +158,22 @@ impl Drop for ChildProcess {
 
 /// `VmRSS` of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// Anonymous resident memory of `pid` (heap, stacks) in KiB: RSS without the pages of the
+/// binary and libraries, which grow as more of the code runs and are not the process's
+/// own allocations.
+pub fn anon_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -210,6 +227,20 @@ pub fn locate_agent(explicit: Option<&Path>) -> Result<PathBuf, String> {
         ));
     }
     Ok(path)
+}
+
+/// A command running `bin`, under `wrapper` (a command line split on spaces, e.g. a
+/// profiler) when one is given.
+pub fn wrapped_command(bin: &Path, wrapper: Option<&str>) -> Command {
+    let mut words = wrapper.into_iter().flat_map(str::split_whitespace);
+    match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
 }
 
 /// The environment of an agent child: dummy AWS credentials (the agent signs its EKS Auth

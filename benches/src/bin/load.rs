@@ -350,19 +350,7 @@ impl Lab {
     fn start_agent(&self, scenario: &str, extra: &[&str]) -> Result<RunningAgent, BoxError> {
         let port = process::free_port()?;
         let endpoint = self.fake.endpoint();
-        let mut wrapper = self
-            .args
-            .agent_wrapper
-            .iter()
-            .flat_map(|w| w.split_whitespace());
-        let mut cmd = match wrapper.next() {
-            Some(program) => {
-                let mut cmd = Command::new(program);
-                cmd.args(wrapper).arg(&self.agent_bin);
-                cmd
-            }
-            None => Command::new(&self.agent_bin),
-        };
+        let mut cmd = process::wrapped_command(&self.agent_bin, self.args.agent_wrapper.as_deref());
         cmd.arg("server")
             .args(["--cluster-name", CLUSTER, "--bind-hosts", "127.0.0.1"])
             .args(["--port", &port.to_string()])
