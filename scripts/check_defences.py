@@ -122,6 +122,14 @@ MUTATIONS = [
         "unknown_kid_floods_cause_at_most_one_jwks_refetch_per_interval",
     ),
     (
+        "a removed association stops cached credentials",
+        CACHE,
+        "        self.backend.admit(identity)?;\n",
+        "",
+        "sts",
+        "associations_file_reloads_keep_the_last_good_set",
+    ),
+    (
         "association refusals answered from the cache",
         CACHE,
         "                        state.refused = Some((e.clone(), now + REFUSAL_TTL));",

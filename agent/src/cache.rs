@@ -61,8 +61,9 @@ const RETRY_BASE: Duration = Duration::from_secs(2);
 const RETRY_CAP: Duration = Duration::from_secs(60);
 
 /// Upstream errors after which an entry's credentials must not be served again: the
-/// association or the pod's right to it is gone. EKS Auth's codes, then STS's.
-const IRRECOVERABLE_CODES: [&str; 7] = [
+/// association or the pod's right to it is gone. EKS Auth's codes, then STS's, then the STS
+/// backend's own.
+const IRRECOVERABLE_CODES: [&str; 9] = [
     "AccessDeniedException",
     "ResourceNotFoundException",
     "InvalidTokenException",
@@ -70,6 +71,9 @@ const IRRECOVERABLE_CODES: [&str; 7] = [
     "AccessDenied",
     "InvalidIdentityToken",
     "IDPRejectedClaim",
+    // The STS backend's own refusals (its associations file), met by a background refresh.
+    "NoAssociation",
+    "AudienceNotAccepted",
 ];
 
 /// The irrecoverable errors that are about the association, not the token presented: any
@@ -399,6 +403,10 @@ impl CredentialCache {
         self: &Arc<Self>,
         identity: &Identity,
     ) -> Result<Arc<Credentials>, CacheError> {
+        // Before the cache: what the backend would refuse (the STS backend: no association
+        // for this service account, as of the file's last reload) is never served from it,
+        // so removing an association stops a pod's cached credentials at once.
+        self.backend.admit(identity)?;
         let key = CacheKey::for_identity(identity, self.settings.scope);
         let slot = self
             .entries

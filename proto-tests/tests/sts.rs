@@ -745,12 +745,15 @@ async fn associations_file_reloads_keep_the_last_good_set() {
     );
     assert_eq!(metric(&bed, LOADED, &[]).await, 2.0);
 
-    // Removing `app` refuses new pods of it (an already served pod may keep
-    // its cached credentials, so only fresh pods are asked about).
+    // Removing `app` refuses new pods of it, and a pod already served stops
+    // getting its cached credentials as soon as the file is reloaded.
+    let cached = bed.token(&first);
+    assert_eq!(bed.agent.fetch_credentials(&cached).await.status, 200);
     bed.associations.write(std::slice::from_ref(&worker));
     let (_, response) = poll_until_status(&bed, "team-a", "app", 403).await;
     assert_no_association(&response);
     assert_eq!(metric(&bed, LOADED, &[]).await, 1.0);
+    assert_no_association(&bed.agent.fetch_credentials(&cached).await);
 }
 
 // --- (f) STS errors ---
