@@ -23,6 +23,16 @@ const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
 /// keys differ in every part, as on a real node.
 const NAMESPACES: usize = 16;
 const SERVICE_ACCOUNTS: usize = 4;
+/// How many (namespace, service account) pairs the pods are spread over.
+pub const SERVICE_ACCOUNT_COUNT: usize = NAMESPACES * SERVICE_ACCOUNTS;
+
+/// Service account `index` (of [`SERVICE_ACCOUNT_COUNT`]) as `(namespace, name)`: the pair
+/// every pod numbered `index` (modulo the count) runs as.
+pub fn service_account(index: usize) -> (String, String) {
+    let ns = index % NAMESPACES;
+    let sa = (index / NAMESPACES) % SERVICE_ACCOUNTS;
+    (format!("team-{ns:02}"), format!("app-{sa}"))
+}
 
 /// Signature algorithm of the issuer's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,16 +65,15 @@ impl Pod {
     /// Pod `index` of `batch`. Pods of different batches never share a UID, so a scenario
     /// that wants new pods names a new batch.
     pub fn numbered(batch: &str, index: usize) -> Pod {
-        let ns = index % NAMESPACES;
-        let sa = (index / NAMESPACES) % SERVICE_ACCOUNTS;
+        let (namespace, service_account) = service_account(index);
         // UUID-shaped (36 characters) like a real pod UID; the batch goes into the first
         // group through a small stable hash so UIDs stay the same length.
         let batch_tag = batch.bytes().fold(0x811c_9dc5u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
         Pod {
-            namespace: format!("team-{ns:02}"),
-            service_account: format!("app-{sa}"),
+            namespace,
+            service_account,
             name: format!("{batch}-{index:05}"),
             uid: format!(
                 "{batch_tag:08x}-0000-4000-8000-{:012x}",

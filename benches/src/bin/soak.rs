@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use benches::client::{Connection, Target};
 use benches::fake_upstream::{FakeUpstream, Fault};
-use benches::pods::{Alg, Issuer, Pod};
+use benches::pods::{service_account, Alg, Issuer, Pod, SERVICE_ACCOUNT_COUNT};
 use benches::process::{self, ChildProcess};
 use benches::report::thousands;
 use clap::{Parser, ValueEnum};
@@ -130,8 +130,10 @@ impl Args {
         if !(0.0..=1.0).contains(&self.churn) {
             return Err("--churn: must be between 0 and 1".into());
         }
-        if self.remove > 64 {
-            return Err("--remove: there are 64 service accounts".into());
+        if self.remove > SERVICE_ACCOUNT_COUNT {
+            return Err(format!(
+                "--remove: there are {SERVICE_ACCOUNT_COUNT} service accounts"
+            ));
         }
         Ok(())
     }
@@ -210,16 +212,13 @@ fn main() -> ExitCode {
 /// The associations file for the STS backend: every service account, minus `removed`.
 fn associations_yaml(removed: &[(String, String)]) -> String {
     let mut out = String::from("associations:\n");
-    for ns in 0..16 {
-        for sa in 0..4 {
-            let (ns, sa) = (format!("team-{ns:02}"), format!("app-{sa}"));
-            if removed.iter().any(|(n, s)| *n == ns && *s == sa) {
-                continue;
-            }
-            out.push_str(&format!(
-                "  - namespace: {ns}\n    serviceAccount: {sa}\n    roleArn: arn:aws:iam::111122223333:role/{ns}-{sa}\n"
-            ));
+    for (ns, sa) in (0..SERVICE_ACCOUNT_COUNT).map(service_account) {
+        if removed.iter().any(|(n, s)| *n == ns && *s == sa) {
+            continue;
         }
+        out.push_str(&format!(
+            "  - namespace: {ns}\n    serviceAccount: {sa}\n    roleArn: arn:aws:iam::111122223333:role/{ns}-{sa}\n"
+        ));
     }
     out
 }
@@ -378,14 +377,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             churn(&shared, &issuer, args.churn, generation).await?;
         }
         if elapsed >= args.duration / 2 && shared.removed.read().is_ok_and(|r| r.is_none()) {
-            let removed: Vec<(String, String)> = (0..args.remove)
-                .map(|i| {
-                    (
-                        format!("team-{:02}", i % 16),
-                        format!("app-{}", (i / 16) % 4),
-                    )
-                })
-                .collect();
+            let removed: Vec<(String, String)> = (0..args.remove).map(service_account).collect();
             for (ns, sa) in &removed {
                 shared.fake.remove_association(ns, sa);
             }
@@ -834,10 +826,10 @@ mod tests {
     fn associations_file_leaves_out_removed_service_accounts() {
         let all = associations_yaml(&[]);
         let parsed = pod_identity_agent::associations::parse(&all, "a.yaml").unwrap();
-        assert_eq!(parsed.len(), 64);
+        assert_eq!(parsed.len(), SERVICE_ACCOUNT_COUNT);
         let some = associations_yaml(&[("team-00".into(), "app-0".into())]);
         let parsed = pod_identity_agent::associations::parse(&some, "a.yaml").unwrap();
-        assert_eq!(parsed.len(), 63);
+        assert_eq!(parsed.len(), SERVICE_ACCOUNT_COUNT - 1);
     }
 
     #[test]
