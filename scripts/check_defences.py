@@ -1,191 +1,181 @@
 #!/usr/bin/env python3
-"""Prove that each abuse test guards its defence: take the defence out of the agent's source,
-rebuild, run the test, and expect it to FAIL; then put the source back.
+"""Prove that each abuse test guards its defence: run the test against an agent with that
+defence switched off, and require it to FAIL.
 
 A test that still passes with its defence removed proves nothing, so this script exits 1 if
-any mutation survives. It edits files in place and restores them in a `finally`, and checks
-that every mutation still applies (the source moved on: update the table). Run by
-`scripts/test` after the test suite; by hand: `python3 scripts/check_defences.py [name...]`.
+any defence survives its removal. Each defence is guarded in the agent's source by
+`defence::on(Defence::X)` (agent/src/defence.rs). The script builds the agent once with the
+`defence-switches` feature, then runs each guarding test with
+POD_IDENTITY_AGENT_DISABLE_DEFENCE naming the defence. The table below must name exactly the
+defences that agent/src/defence.rs declares: a defence without a test, or a test for a
+defence that no longer exists, fails the script instead of being skipped.
+
+Run by `scripts/test` after the test suite (which has built the test binaries); by hand:
+`python3 scripts/check_defences.py [name...]`.
 """
 
+import concurrent.futures
+import json
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-HTTP = "agent/src/http.rs"
-KEYS = "agent/src/keys.rs"
-UPSTREAM = "agent/src/upstream/mod.rs"
-EKS_AUTH = "agent/src/upstream/eks_auth.rs"
-CACHE = "agent/src/cache.rs"
+DEFENCES_RS = ROOT / "agent/src/defence.rs"
+DISABLE_ENV = "POD_IDENTITY_AGENT_DISABLE_DEFENCE"
+# Guarding tests run this many at a time: most wait on timers, not on the CPU.
+PARALLEL = 3
 
-# (defence, file, source with the defence, source without it, test file, test name filter)
-MUTATIONS = [
-    (
-        "connection limit",
-        HTTP,
-        "let slots = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));",
-        "let slots: Option<Arc<Semaphore>> = None;",
-        "abuse",
-        "connections_over_the_limit_get_503_and_slots_come_back",
-    ),
-    (
-        "idle keep-alive timeout",
-        HTTP,
-        ".header_read_timeout(limits.idle_timeout)",
-        ".header_read_timeout(Duration::from_secs(3600))",
-        "abuse",
-        "idle_keep_alive_connections_are_closed_after_the_idle_timeout",
-    ),
-    (
-        "pipelined requests answered on one connection",
-        HTTP,
-        ".keep_alive(true);",
-        ".keep_alive(false);",
-        "abuse",
-        "pipelined_requests_are_answered_in_order",
-    ),
-    (
-        "a Host header is required (HTTP/1.0 too)",
-        HTTP,
-        """        (None, _) if req.version() == Version::HTTP_10 => {
-            return Err(ApiError::BadRequest(
-                "MissingHost",
-                "HTTP/1.0 requests must carry a Host header".into(),
-            ))
-        }
-        (None, _) => {
-            return Err(ApiError::BadRequest(
-                "MissingHost",
-                "the request has no Host header".into(),
-            ))
-        }""",
-        """        (None, _) => "127.0.0.1",""",
-        "abuse",
-        "http10_without_host_is_400",
-    ),
-    (
-        "two Authorization headers refused",
-        HTTP,
-        """        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "DuplicateAuthorization",""",
-        """        (Some(v), Some(_)) => v.to_str().unwrap_or_default(),
-        #[allow(unreachable_patterns)]
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "DuplicateAuthorization",""",
-        "abuse",
-        "two_authorization_headers_are_400",
-    ),
-    (
-        "16 KiB request head limit",
-        HTTP,
-        ".max_buf_size(MAX_HEADER_BYTES)",
-        "",
-        "abuse",
-        "a_megabyte_authorization_header_is_refused_and_others_are_served",
-    ),
-    (
-        "non-ASCII Authorization is an error, not a panic",
-        HTTP,
-        """            .to_str()
-            .map_err(|_| TokenError::Malformed("token has non-ASCII bytes".into()))?,""",
-        """            .to_str()
-            .expect("ASCII"),""",
-        "abuse",
-        "non_utf8_authorization_and_host_are_4xx",
-    ),
-    (
-        "upstream response size cap",
-        UPSTREAM,
-        "*body = SdkBody::from_body_1_x(http_body_util::Limited::new(inner, MAX_RESPONSE_BYTES));",
-        "*body = inner;",
-        "abuse",
-        "hostile_upstream_answers_never_reach_the_pod",
-    ),
-    (
-        "EKS Auth answer must name the token's service account",
-        EKS_AUTH,
-        "            return Err(invalid(\"names a different service account than the token\"));",
-        "",
-        "abuse",
-        "hostile_upstream_answers_never_reach_the_pod",
-    ),
-    (
-        "unknown-kid JWKS refetch pacing",
-        KEYS,
-        "pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);",
-        "pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(0);",
-        "security",
-        "unknown_kid_floods_cause_at_most_one_jwks_refetch_per_interval",
-    ),
-    (
-        "a removed association stops cached credentials",
-        CACHE,
-        "        self.backend.admit(identity)?;\n",
-        "",
-        "sts",
-        "associations_file_reloads_keep_the_last_good_set",
-    ),
-    (
-        "association refusals answered from the cache",
-        CACHE,
-        "                        state.refused = Some((e.clone(), now + REFUSAL_TTL));",
-        "",
-        "credentials",
-        "a_pod_without_an_association_does_not_cost_an_upstream_call_per_request",
-    ),
-]
+# defence name (agent/src/defence.rs) -> (test file in proto-tests/tests, test name)
+TABLE = {
+    "connection-limit": ("abuse", "connections_over_the_limit_get_503_and_slots_come_back"),
+    "idle-timeout": ("abuse", "idle_keep_alive_connections_are_closed_after_the_idle_timeout"),
+    "pipelining": ("abuse", "pipelined_requests_are_answered_in_order"),
+    "host-required": ("abuse", "http10_without_host_is_400"),
+    "single-authorization": ("abuse", "two_authorization_headers_are_400"),
+    "head-size-limit": ("abuse", "a_megabyte_authorization_header_is_refused_and_others_are_served"),
+    "non-ascii-authorization": ("abuse", "non_utf8_authorization_and_host_are_4xx"),
+    "response-size-cap": ("abuse", "hostile_upstream_answers_never_reach_the_pod"),
+    "eks-auth-identity-check": ("abuse", "hostile_upstream_answers_never_reach_the_pod"),
+    "unknown-kid-pacing": ("security", "unknown_kid_floods_cause_at_most_one_jwks_refetch_per_interval"),
+    "association-admission": ("sts", "associations_file_reloads_keep_the_last_good_set"),
+    "refusal-cache": ("credentials", "a_pod_without_an_association_does_not_cost_an_upstream_call_per_request"),
+}
 
 
-def run(cmd, timeout):
+def declared_defences():
+    """The names agent/src/defence.rs declares, in order."""
+    text = DEFENCES_RS.read_text()
+    block = re.search(r"defences! \{(.*?)\n\}", text, re.S)
+    if not block:
+        sys.exit("check_defences: no `defences! { ... }` block in agent/src/defence.rs")
+    return re.findall(r'=>\s*"([a-z0-9-]+)"', block.group(1))
+
+
+def run(cmd, timeout, env=None):
     return subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
-def main():
-    only = set(sys.argv[1:])
-    survived = []
-    checked = 0
+def build_switch_binary():
+    """Build the agent with the defence-switches feature; return a copy of its binary, then
+    put the normal binary back in place for whatever runs next."""
+    build = run(
+        ["cargo", "build", "-q", "-p", "pod-identity-agent", "--features", "defence-switches",
+         "--message-format", "json"],
+        900,
+    )
+    if build.returncode != 0:
+        sys.exit(f"check_defences: the defence-switches build failed:\n{build.stderr[-3000:]}")
+    executable = None
+    for line in build.stdout.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and \
+                msg["target"]["name"] == "pod-identity-agent":
+            executable = pathlib.Path(msg["executable"])
+    if executable is None:
+        sys.exit("check_defences: cargo did not report the agent binary")
+    copy = executable.parent / "defence-switches" / executable.name
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy2(executable, copy)
+    restored = run(["cargo", "build", "-q", "-p", "pod-identity-agent"], 900)
+    if restored.returncode != 0:
+        sys.exit(f"check_defences: rebuilding the agent failed:\n{restored.stderr[-3000:]}")
+    return copy
+
+
+def test_binaries():
+    """Test target name -> executable, for proto-tests (built already by the test suite; a
+    build here is only for a run by hand). The binaries run directly, not through cargo,
+    so that several can run at once without waiting for cargo's build-directory lock."""
+    build = run(
+        ["cargo", "test", "-q", "-p", "proto-tests", "--no-run", "--message-format", "json"],
+        900,
+    )
+    if build.returncode != 0:
+        sys.exit(f"check_defences: building the tests failed:\n{build.stderr[-3000:]}")
+    found = {}
+    for line in build.stdout.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and \
+                msg["target"]["kind"] == ["test"]:
+            found[msg["target"]["name"]] = msg["executable"]
+    return found
+
+
+def run_test(binary, tests, test, case, disabled=None):
+    env = dict(os.environ, POD_IDENTITY_AGENT_BIN=str(binary))
+    env.pop(DISABLE_ENV, None)
+    if disabled:
+        env[DISABLE_ENV] = disabled
+    return subprocess.run(
+        [tests[test], "--exact", case, "--test-threads", "1"],
+        cwd=ROOT / "proto-tests", capture_output=True, text=True, timeout=900, env=env,
+    )
+
+
+def control(binary, tests, test, case):
+    if test not in tests:
+        return False, f"no test file {test}.rs in proto-tests/tests"
+    result = run_test(binary, tests, test, case)
+    if result.returncode == 0 and "1 passed" in result.stdout:
+        return True, ""
+    return False, f"{test}::{case}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+
+def check(binary, tests, name):
+    test, case = TABLE[name]
+    if test not in tests:
+        return False, f"'{name}': no test file {test}.rs in proto-tests/tests"
     started = time.monotonic()
-    for name, rel, defended, undefended, test, case in MUTATIONS:
-        if only and name not in only:
-            continue
-        checked += 1
-        path = ROOT / rel
-        original = path.read_text()
-        if original.count(defended) != 1:
-            print(f"check_defences: '{name}': the defence is no longer found in {rel}; update the table")
-            survived.append(name)
-            continue
-        try:
-            path.write_text(original.replace(defended, undefended, 1))
-            build = run(["cargo", "build", "-q", "-p", "pod-identity-agent"], 900)
-            if build.returncode != 0:
-                print(f"check_defences: '{name}': the mutated agent does not build:\n{build.stderr[-3000:]}")
-                survived.append(name)
-                continue
-            result = run(
-                ["cargo", "test", "-q", "-p", "proto-tests", "--test", test, "--", "--exact", case],
-                900,
-            )
-            ran = "1 failed" in result.stdout or "1 passed" in result.stdout
-            if result.returncode != 0 and ran:
-                print(f"check_defences: '{name}': {test}::{case} fails without it (good)")
-            else:
-                print(f"check_defences: '{name}': {test}::{case} PASSES without it{'' if ran else ' (or did not run)'}")
-                survived.append(name)
-        finally:
-            path.write_text(original)
-    # Leave the agent binary built from the real source for whatever runs next.
-    rebuilt = run(["cargo", "build", "-q", "-p", "pod-identity-agent"], 900)
-    if rebuilt.returncode != 0:
-        print(rebuilt.stderr[-3000:])
+    result = run_test(binary, tests, test, case, disabled=name)
+    took = time.monotonic() - started
+    ran = "1 failed" in result.stdout or "1 passed" in result.stdout
+    if result.returncode != 0 and ran:
+        return True, f"'{name}': {test}::{case} fails without it (good, {took:.0f}s)"
+    why = "PASSES without it" if ran else "did not run"
+    return False, f"'{name}': {test}::{case} {why}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+
+def main():
+    started = time.monotonic()
+    declared = declared_defences()
+    missing = [d for d in declared if d not in TABLE]
+    unknown = [d for d in TABLE if d not in declared]
+    if missing or unknown:
+        print(f"check_defences: the table and agent/src/defence.rs disagree: "
+              f"no test for {missing}; no such defence {unknown}")
         return 1
-    print(f"check_defences: {checked} defences checked in {time.monotonic() - started:.0f}s")
+    only = sys.argv[1:]
+    for name in only:
+        if name not in TABLE:
+            print(f"check_defences: no defence is called {name!r}; known: {', '.join(declared)}")
+            return 64
+    names = only or declared
+    binary = build_switch_binary()
+    tests = test_binaries()
+    # Control: with nothing switched off, the switchable build passes every guarding test, so
+    # a failure below is the missing defence's doing and not the build's.
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        cases = sorted({TABLE[n] for n in names})
+        controls = list(pool.map(lambda tc: control(binary, tests, *tc), cases))
+    broken = [line for ok, line in controls if not ok]
+    if broken:
+        print("check_defences: the defence-switches build fails with every defence on:")
+        print("\n".join(broken))
+        return 1
+    survived = []
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        for name, (ok, line) in zip(names, pool.map(lambda n: check(binary, tests, n), names)):
+            print(f"check_defences: {line}")
+            if not ok:
+                survived.append(name)
+    print(f"check_defences: {len(names)} defences checked in {time.monotonic() - started:.0f}s")
     if survived:
         print("check_defences: FAILED: " + "; ".join(survived))
         return 1

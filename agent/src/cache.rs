@@ -31,6 +31,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::CacheScope;
+use crate::defence::{self, Defence};
 use crate::limits::RefreshBudget;
 use crate::metrics::Metrics;
 use crate::token::Identity;
@@ -406,7 +407,9 @@ impl CredentialCache {
         // Before the cache: what the backend would refuse (the STS backend: no association
         // for this service account, as of the file's last reload) is never served from it,
         // so removing an association stops a pod's cached credentials at once.
-        self.backend.admit(identity)?;
+        if defence::on(Defence::AssociationAdmission) {
+            self.backend.admit(identity)?;
+        }
         let key = CacheKey::for_identity(identity, self.settings.scope);
         let slot = self
             .entries
@@ -594,7 +597,9 @@ impl CredentialCache {
                 }
                 Err(e) if is_irrecoverable(&e) => {
                     let had_credentials = state.current.take().is_some();
-                    if ASSOCIATION_REFUSAL_CODES.contains(&e.code.as_str()) {
+                    if ASSOCIATION_REFUSAL_CODES.contains(&e.code.as_str())
+                        && defence::on(Defence::RefusalCache)
+                    {
                         state.refused = Some((e.clone(), now + REFUSAL_TTL));
                     }
                     (

@@ -19,6 +19,33 @@ pub const DEFAULT_BIND_HOSTS: &str = "169.254.170.23,[fd00:ec2::23]";
 /// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
 
+// Defaults that are also read outside the command line (`Config::default` for tests and the
+// demo, `RequestLimits::default`, the listeners' own defaults). Each is written here once and
+// given to clap, so `--help`, the daemon and the tests cannot drift apart.
+
+/// Cached entries: a node rarely runs more than a few hundred pods.
+pub const DEFAULT_MAX_CACHE_SIZE: u64 = 2000;
+/// Longest time credentials are served before being fetched again (upstream's default).
+pub const DEFAULT_MAX_RETENTION: Duration = Duration::from_secs(3 * 3600);
+/// Background refresh budget, calls per second (upstream's default).
+pub const DEFAULT_MAX_SERVICE_QPS: f64 = 3.0;
+/// Upstream calls in flight at once.
+pub const DEFAULT_MAX_UPSTREAM_CONCURRENCY: usize = 32;
+/// One SDK retries at most 4 times per fetch; 100/s with a burst of 1000 leaves room for a
+/// pod whose hundreds of processes start at once.
+pub const DEFAULT_CALLER_RATE_LIMIT: f64 = 100.0;
+pub const DEFAULT_CALLER_BURST: f64 = 1000.0;
+/// The global bucket bounds the agent's CPU, not any pod.
+pub const DEFAULT_GLOBAL_RATE_LIMIT: f64 = 5000.0;
+pub const DEFAULT_GLOBAL_BURST: f64 = 5000.0;
+/// Open connections per credentials listener. An SDK keeps at most a few per process; 4096
+/// covers a node full of pods while bounding the agent's file descriptors and memory (the
+/// idle timeout frees slots of clients that went quiet).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// A client that has not sent a whole header section this long after connecting, or after
+/// its last response, is disconnected (the contract's 30 s).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pod-identity-agent",
@@ -141,66 +168,66 @@ pub struct ServerArgs {
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_CACHE_SIZE",
-        default_value_t = 2000
+        default_value_t = DEFAULT_MAX_CACHE_SIZE
     )]
     pub max_cache_size: u64,
     /// Longest time cached credentials are served before they are fetched again.
-    #[arg(long, env = "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL", value_parser = humantime::parse_duration, default_value = "3h")]
-    pub max_credential_retention_before_renewal: Duration,
+    #[arg(long, env = "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL", default_value_t = DEFAULT_MAX_RETENTION.into())]
+    pub max_credential_retention_before_renewal: humantime::Duration,
     /// Background refresh budget to the upstream, in calls per second.
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_SERVICE_QPS",
-        default_value_t = 3.0
+        default_value_t = DEFAULT_MAX_SERVICE_QPS
     )]
     pub max_service_qps: f64,
     /// Upstream calls in flight at once (request-path and refresh together).
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_UPSTREAM_CONCURRENCY",
-        default_value_t = 32
+        default_value_t = DEFAULT_MAX_UPSTREAM_CONCURRENCY
     )]
     pub max_upstream_concurrency: usize,
     /// Requests per second allowed from one client IP (0: no per-caller limit).
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_CALLER_RATE_LIMIT",
-        default_value_t = 100.0
+        default_value_t = DEFAULT_CALLER_RATE_LIMIT
     )]
     pub caller_rate_limit: f64,
     /// Burst allowed from one client IP above its rate.
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_CALLER_BURST",
-        default_value_t = 1000.0
+        default_value_t = DEFAULT_CALLER_BURST
     )]
     pub caller_burst: f64,
     /// Requests per second allowed from all clients together (0: no global limit).
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_GLOBAL_RATE_LIMIT",
-        default_value_t = 5000.0
+        default_value_t = DEFAULT_GLOBAL_RATE_LIMIT
     )]
     pub global_rate_limit: f64,
     /// Burst allowed from all clients together above the global rate.
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_GLOBAL_BURST",
-        default_value_t = 5000.0
+        default_value_t = DEFAULT_GLOBAL_BURST
     )]
     pub global_burst: f64,
     /// Open connections allowed per credentials listener; above it a new connection gets 503.
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_CONNECTIONS",
-        default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS
+        default_value_t = DEFAULT_MAX_CONNECTIONS
     )]
     pub max_connections: usize,
     /// How long a connection may go without sending a complete request header section: a
     /// slow client mid-request, or an idle keep-alive connection between requests. Hidden:
     /// the default suits production; tests shorten it instead of waiting.
-    #[arg(long, env = "POD_IDENTITY_AGENT_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s", hide = true)]
-    pub idle_timeout: Duration,
+    #[arg(long, env = "POD_IDENTITY_AGENT_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE_TIMEOUT.into(), hide = true)]
+    pub idle_timeout: humantime::Duration,
     /// Credential source.
     #[arg(
         long,
@@ -375,14 +402,11 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        // One SDK retries at most 4 times per fetch; 100/s with a burst of 1000 leaves room
-        // for a pod whose hundreds of processes start at once. The global bucket bounds the
-        // agent's CPU, not any pod.
         RequestLimits {
-            caller_rate: 100.0,
-            caller_burst: 1000.0,
-            global_rate: 5000.0,
-            global_burst: 5000.0,
+            caller_rate: DEFAULT_CALLER_RATE_LIMIT,
+            caller_burst: DEFAULT_CALLER_BURST,
+            global_rate: DEFAULT_GLOBAL_RATE_LIMIT,
+            global_burst: DEFAULT_GLOBAL_BURST,
         }
     }
 }
@@ -395,11 +419,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        flag,
-        message: message.into(),
+impl ConfigError {
+    pub fn new(flag: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            flag,
+            message: message.into(),
+        }
     }
+}
+
+fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(flag, message)
 }
 
 impl ServerArgs {
@@ -525,7 +555,9 @@ impl ServerArgs {
         if self.max_cache_size == 0 {
             return Err(bad("max-cache-size", "must be at least 1"));
         }
-        if self.max_credential_retention_before_renewal < MIN_RETENTION {
+        let max_retention: Duration = self.max_credential_retention_before_renewal.into();
+        let idle_timeout: Duration = self.idle_timeout.into();
+        if max_retention < MIN_RETENTION {
             return Err(bad(
                 "max-credential-retention-before-renewal",
                 "must be at least 1m",
@@ -546,7 +578,7 @@ impl ServerArgs {
                 format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
             ));
         }
-        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&self.idle_timeout) {
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&idle_timeout) {
             return Err(bad("idle-timeout", "must be between 1s and 10m"));
         }
         for (flag, value) in [
@@ -582,11 +614,11 @@ impl ServerArgs {
             audiences,
             cache_scope: self.cache_scope,
             max_cache_size: self.max_cache_size,
-            max_retention: self.max_credential_retention_before_renewal,
+            max_retention,
             max_service_qps: self.max_service_qps,
             max_upstream_concurrency: self.max_upstream_concurrency,
             max_connections: self.max_connections,
-            idle_timeout: self.idle_timeout,
+            idle_timeout,
             limits: RequestLimits {
                 caller_rate: self.caller_rate_limit,
                 caller_burst: self.caller_burst,
@@ -663,12 +695,12 @@ impl Default for Config {
             issuer: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
             cache_scope: CacheScope::Pod,
-            max_cache_size: 2000,
-            max_retention: Duration::from_secs(3 * 3600),
-            max_service_qps: 3.0,
-            max_upstream_concurrency: 32,
-            max_connections: crate::http::DEFAULT_MAX_CONNECTIONS,
-            idle_timeout: crate::http::HEADER_READ_TIMEOUT,
+            max_cache_size: DEFAULT_MAX_CACHE_SIZE,
+            max_retention: DEFAULT_MAX_RETENTION,
+            max_service_qps: DEFAULT_MAX_SERVICE_QPS,
+            max_upstream_concurrency: DEFAULT_MAX_UPSTREAM_CONCURRENCY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             limits: RequestLimits::default(),
             static_upstream_credentials: None,
             rotate_credentials: None,
@@ -703,6 +735,8 @@ mod tests {
         assert_eq!(cfg.cache_scope, CacheScope::Pod);
         assert_eq!(cfg.max_retention, Duration::from_secs(3 * 3600));
         assert!(cfg.key_source.is_none());
+        // The contract's 30 s for unfinished or idle connections; black-box tests shorten it.
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
     }
 
     #[test]

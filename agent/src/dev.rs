@@ -107,9 +107,11 @@ pub async fn run(port: u16) -> Result<(), DevError> {
         .map_err(DevError::StandIn)?;
     let stand_in_addr = stand_in.local_addr().map_err(DevError::StandIn)?;
     let issued = Arc::new(AtomicU64::new(0));
-    let server = tokio::spawn(crate::http::serve(stand_in, stop_rx, move |req, _peer| {
-        stand_in_handle(issued.clone(), req)
-    }));
+    let server = tokio::spawn(crate::server::serve(
+        stand_in,
+        stop_rx,
+        move |req, _peer| stand_in_handle(issued.clone(), req),
+    ));
 
     let config = Config {
         cluster_name: DEV_CLUSTER.into(),
@@ -155,7 +157,7 @@ pub async fn run(port: u16) -> Result<(), DevError> {
         .await
         .map_err(DevError::Signal)?;
     tracing::info!(signal, "demo stopping");
-    agent.shutdown(crate::http::DRAIN_TIMEOUT).await;
+    agent.shutdown(crate::server::DRAIN_TIMEOUT).await;
     stop_tx.send_replace(true);
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);

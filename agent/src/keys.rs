@@ -19,9 +19,19 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 use crate::config::KeySource;
+use crate::defence::{self, Defence};
 use crate::metrics::Metrics;
-use crate::token::ACCEPTED_ALGORITHMS;
 
+/// Algorithms a Kubernetes issuer signs with. `none` and every HMAC algorithm are refused:
+/// a verifier that accepts HS256 can be fooled with the public key used as the HMAC secret.
+pub const ACCEPTED_ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::PS256,
+];
 /// A key file is checked this often for a new modification time or size.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Issuers rotate keys with overlap measured in hours; five minutes keeps us well inside it.
@@ -245,7 +255,8 @@ impl KeyStore {
             return;
         }
         let mut last = self.on_demand.lock().await;
-        if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFRESH_INTERVAL) {
+        let pacing = defence::on(Defence::UnknownKidPacing);
+        if pacing && last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFRESH_INTERVAL) {
             return;
         }
         *last = Some(Instant::now());

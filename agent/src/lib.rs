@@ -11,6 +11,7 @@ pub mod admin;
 pub mod associations;
 pub mod cache;
 pub mod config;
+pub mod defence;
 pub mod dev;
 pub mod http;
 pub mod keys;
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
+pub mod server;
 pub mod shutdown;
 pub mod token;
 pub mod upstream;
@@ -34,8 +36,7 @@ use tokio::task::JoinSet;
 use crate::admin::{AdminState, Readiness};
 use crate::associations::AssociationStore;
 use crate::cache::{CacheSettings, CredentialCache};
-use crate::config::BackendKind;
-use crate::config::Config;
+use crate::config::{BackendKind, Config, ConfigError};
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
 use crate::limits::RequestLimiter;
@@ -49,8 +50,8 @@ use crate::upstream::Backend;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A configuration problem discovered at start (exit 64).
-    #[error("--{flag}: {message}")]
-    Config { flag: &'static str, message: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// A listener could not be opened (exit 1).
     #[error("{0}")]
     Bind(String),
@@ -59,7 +60,7 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config { .. } => config::EXIT_USAGE,
+            StartError::Config(_) => config::EXIT_USAGE,
             StartError::Bind(_) => 1,
         }
     }
@@ -74,171 +75,35 @@ pub struct Agent {
     tasks: JoinSet<()>,
 }
 
+/// What the steps of [`Agent::start`] share: the metrics handle, the shutdown signal every
+/// background task watches, and the set of server tasks that [`Agent::shutdown`] drains.
+struct Startup {
+    metrics: Metrics,
+    shutdown_rx: watch::Receiver<bool>,
+    tasks: JoinSet<()>,
+}
+
 impl Agent {
+    /// Start every part in dependency order. Configuration the upstream needs (region,
+    /// associations) is checked before anything is bound.
     pub async fn start(config: Config) -> Result<Agent, StartError> {
-        let metrics = Metrics::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-
-        // Configuration the upstream needs (region, associations) is checked before anything
-        // else runs.
-        let backend: Arc<dyn Backend> =
-            match (config.backend, &config.associations) {
-                (BackendKind::Sts, Some(path)) => {
-                    let store = AssociationStore::load(path, metrics.clone()).map_err(|e| {
-                        StartError::Config {
-                            flag: "associations",
-                            message: e.to_string(),
-                        }
-                    })?;
-                    tokio::spawn(store.clone().run(shutdown_rx.clone()));
-                    let sts = Sts::new(&config, store)
-                        .await
-                        .map_err(|e| StartError::Config {
-                            flag: e.flag,
-                            message: e.message,
-                        })?;
-                    Arc::new(sts)
-                }
-                (BackendKind::Sts, None) => {
-                    return Err(StartError::Config {
-                        flag: "associations",
-                        message: "required for the sts backend".into(),
-                    })
-                }
-                (BackendKind::EksAuth, _) => Arc::new(EksAuth::new(&config).await.map_err(
-                    |e| StartError::Config {
-                        flag: e.flag,
-                        message: e.message,
-                    },
-                )?),
-            };
-        let keys = match &config.key_source {
-            Some(source) => {
-                let store = KeyStore::new(source.clone(), metrics.clone()).map_err(|e| {
-                    StartError::Config {
-                        flag: "jwks-url",
-                        message: e.to_string(),
-                    }
-                })?;
-                // Background reload; the first load runs at once.
-                tokio::spawn(store.clone().run(shutdown_rx.clone()));
-                Some(store)
-            }
-            None => {
-                tracing::warn!(
-                    "no key source (--jwks-file, --jwks-url or --issuer): pod tokens are NOT verified locally; \
-                     they go to EKS Auth unverified and the cache keys on token digests"
-                );
-                None
-            }
+        let mut run = Startup {
+            metrics: Metrics::new(),
+            shutdown_rx,
+            tasks: JoinSet::new(),
         };
-        metrics.verification_enabled.set(i64::from(keys.is_some()));
-
-        let cache = CredentialCache::new(
-            backend,
-            CacheSettings {
-                scope: config.cache_scope,
-                max_entries: config.max_cache_size,
-                max_retention: config.max_retention,
-                max_service_qps: config.max_service_qps,
-                max_upstream_concurrency: config.max_upstream_concurrency,
-            },
-            metrics.clone(),
-        );
-
-        let listeners = http::bind_all(&config.credential_listeners, "credentials").await;
-        if listeners.is_empty() {
-            let addrs: Vec<String> = config
-                .credential_listeners
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
-            return Err(StartError::Bind(format!(
-                "could not bind any credentials address ({})",
-                addrs.join(", ")
-            )));
-        }
-        let credential_addrs: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        let state = Arc::new(AppState {
-            verifier: Verifier::new(
-                keys.clone(),
-                config.issuer.clone(),
-                config.audiences.clone(),
-            ),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-            hosts: HostAllowList::new(credential_addrs.clone()),
-            limiter: RequestLimiter::new(
-                config.limits.caller_rate,
-                config.limits.caller_burst,
-                config.limits.global_rate,
-                config.limits.global_burst,
-            ),
-        });
-        for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
-            tracing::info!(listener = "credentials", address = %addr, "listening");
-            let state = state.clone();
-            let limits = http::ConnectionLimits {
-                max_connections: Some(config.max_connections),
-                idle_timeout: config.idle_timeout,
-                metrics: Some(state.metrics.clone()),
-            };
-            tasks.spawn(http::serve_with_limits(
-                listener,
-                shutdown_rx.clone(),
-                limits,
-                move |req, peer| http::handle(state.clone(), req, peer),
-            ));
-        }
-
-        let admin = Arc::new(AdminState {
-            readiness: Readiness {
-                listeners_bound: AtomicBool::new(false),
-                keys,
-            },
-            metrics,
-            cache,
-        });
-        let probe = bind_one(config.probe_listener, "probe-port").await?;
-        let probe_addr = probe
-            .local_addr()
-            .map_err(|e| StartError::Bind(e.to_string()))?;
-        let mut admin_listeners = vec![("probe", probe, probe_addr)];
-        let metrics_addr = if config.metrics_listener == config.probe_listener
-            && config.probe_listener.port() != 0
-        {
-            probe_addr
-        } else {
-            let listener = bind_one(config.metrics_listener, "metrics-port").await?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| StartError::Bind(e.to_string()))?;
-            admin_listeners.push(("metrics", listener, addr));
-            addr
-        };
-        for (name, listener, addr) in admin_listeners {
-            tracing::info!(listener = name, address = %addr, "listening");
-            let admin = admin.clone();
-            tasks.spawn(http::serve(
-                listener,
-                shutdown_rx.clone(),
-                move |req, peer| admin::handle(admin.clone(), req, peer),
-            ));
-        }
-        admin
-            .readiness
-            .listeners_bound
-            .store(true, Ordering::Release);
+        let backend = run.backend(&config).await?;
+        let keys = run.key_store(&config)?;
+        let cache = run.cache(&config, backend);
+        let credential_addrs = run.serve_credentials(&config, &keys, &cache).await?;
+        let (probe_addr, metrics_addr) = run.serve_admin(&config, keys, cache).await?;
         Ok(Agent {
             credential_addrs,
             probe_addr,
             metrics_addr,
             shutdown,
-            tasks,
+            tasks: run.tasks,
         })
     }
 
@@ -264,6 +129,169 @@ impl Agent {
         if drained.is_err() {
             tracing::warn!("shutdown did not finish in time; exiting anyway");
         }
+    }
+}
+
+impl Startup {
+    /// The upstream: EKS Auth, or STS with its associations file (loaded now, then watched).
+    async fn backend(&self, config: &Config) -> Result<Arc<dyn Backend>, StartError> {
+        Ok(match (config.backend, &config.associations) {
+            (BackendKind::Sts, Some(path)) => {
+                let store = AssociationStore::load(path, self.metrics.clone())
+                    .map_err(|e| ConfigError::new("associations", e.to_string()))?;
+                tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
+                Arc::new(Sts::new(config, store).await?)
+            }
+            (BackendKind::Sts, None) => {
+                return Err(ConfigError::new("associations", "required for the sts backend").into())
+            }
+            (BackendKind::EksAuth, _) => Arc::new(EksAuth::new(config).await?),
+        })
+    }
+
+    /// The verification keys and their background reload (the first load runs at once), or
+    /// none, with a warning, when no key source is configured.
+    fn key_store(&self, config: &Config) -> Result<Option<Arc<KeyStore>>, StartError> {
+        let keys = match &config.key_source {
+            Some(source) => {
+                let store = KeyStore::new(source.clone(), self.metrics.clone())
+                    .map_err(|e| ConfigError::new("jwks-url", e.to_string()))?;
+                tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
+                Some(store)
+            }
+            None => {
+                tracing::warn!(
+                    "no key source (--jwks-file, --jwks-url or --issuer): pod tokens are NOT verified locally; \
+                     they go to EKS Auth unverified and the cache keys on token digests"
+                );
+                None
+            }
+        };
+        self.metrics
+            .verification_enabled
+            .set(i64::from(keys.is_some()));
+        Ok(keys)
+    }
+
+    fn cache(&self, config: &Config, backend: Arc<dyn Backend>) -> Arc<CredentialCache> {
+        CredentialCache::new(
+            backend,
+            CacheSettings {
+                scope: config.cache_scope,
+                max_entries: config.max_cache_size,
+                max_retention: config.max_retention,
+                max_service_qps: config.max_service_qps,
+                max_upstream_concurrency: config.max_upstream_concurrency,
+            },
+            self.metrics.clone(),
+        )
+    }
+
+    /// Bind the credentials addresses (those that cannot be bound are skipped, as long as one
+    /// binds) and serve the credentials route on each.
+    async fn serve_credentials(
+        &mut self,
+        config: &Config,
+        keys: &Option<Arc<KeyStore>>,
+        cache: &Arc<CredentialCache>,
+    ) -> Result<Vec<SocketAddr>, StartError> {
+        let listeners = server::bind_all(&config.credential_listeners, "credentials").await;
+        if listeners.is_empty() {
+            let addrs: Vec<String> = config
+                .credential_listeners
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            return Err(StartError::Bind(format!(
+                "could not bind any credentials address ({})",
+                addrs.join(", ")
+            )));
+        }
+        let credential_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let state = Arc::new(AppState {
+            verifier: Verifier::new(
+                keys.clone(),
+                config.issuer.clone(),
+                config.audiences.clone(),
+            ),
+            cache: cache.clone(),
+            metrics: self.metrics.clone(),
+            hosts: HostAllowList::new(credential_addrs.clone()),
+            limiter: RequestLimiter::new(
+                config.limits.caller_rate,
+                config.limits.caller_burst,
+                config.limits.global_rate,
+                config.limits.global_burst,
+            ),
+        });
+        for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
+            tracing::info!(listener = "credentials", address = %addr, "listening");
+            let state = state.clone();
+            let limits = server::ConnectionLimits {
+                max_connections: Some(config.max_connections),
+                idle_timeout: config.idle_timeout,
+                metrics: Some(self.metrics.clone()),
+            };
+            self.tasks.spawn(server::serve_with_limits(
+                listener,
+                self.shutdown_rx.clone(),
+                limits,
+                move |req, peer| http::handle(state.clone(), req, peer),
+            ));
+        }
+        Ok(credential_addrs)
+    }
+
+    /// The probe and metrics listeners (one listener when both name the same address), then
+    /// readiness: from here on `/readyz` reflects the keys.
+    async fn serve_admin(
+        &mut self,
+        config: &Config,
+        keys: Option<Arc<KeyStore>>,
+        cache: Arc<CredentialCache>,
+    ) -> Result<(SocketAddr, SocketAddr), StartError> {
+        let admin = Arc::new(AdminState {
+            readiness: Readiness {
+                listeners_bound: AtomicBool::new(false),
+                keys,
+            },
+            metrics: self.metrics.clone(),
+            cache,
+        });
+        let probe = bind_one(config.probe_listener, "probe-port").await?;
+        let probe_addr = probe
+            .local_addr()
+            .map_err(|e| StartError::Bind(e.to_string()))?;
+        let mut admin_listeners = vec![("probe", probe, probe_addr)];
+        let metrics_addr = if config.metrics_listener == config.probe_listener
+            && config.probe_listener.port() != 0
+        {
+            probe_addr
+        } else {
+            let listener = bind_one(config.metrics_listener, "metrics-port").await?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| StartError::Bind(e.to_string()))?;
+            admin_listeners.push(("metrics", listener, addr));
+            addr
+        };
+        for (name, listener, addr) in admin_listeners {
+            tracing::info!(listener = name, address = %addr, "listening");
+            let admin = admin.clone();
+            self.tasks.spawn(server::serve(
+                listener,
+                self.shutdown_rx.clone(),
+                move |req, peer| admin::handle(admin.clone(), req, peer),
+            ));
+        }
+        admin
+            .readiness
+            .listeners_bound
+            .store(true, Ordering::Release);
+        Ok((probe_addr, metrics_addr))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::Parser;
 use pod_identity_agent::config::{Cli, Command, EXIT_USAGE};
-use pod_identity_agent::{logging, netlink, shutdown, Agent};
+use pod_identity_agent::{defence, logging, netlink, shutdown, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(9500);
@@ -58,6 +58,14 @@ fn main() -> ExitCode {
         Command::Server(args) => {
             if let Err(e) = logging::init(&args.log) {
                 return usage_error(e);
+            }
+            match defence::check_environment() {
+                Ok(Some(d)) => tracing::warn!(
+                    defence = d.name(),
+                    "a defence is switched off: this build exists only for scripts/check_defences.py"
+                ),
+                Ok(None) => {}
+                Err(e) => return usage_error(e),
             }
             let dry_run = args.dry_run;
             let config = match args.into_config() {

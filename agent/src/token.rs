@@ -13,7 +13,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
-use crate::keys::{KeyStore, KeysError};
+use crate::keys::{KeyStore, KeysError, ACCEPTED_ALGORITHMS};
 
 /// Clock skew tolerated on `exp` and `nbf`: node clocks are NTP-synced, but the API server's
 /// and the node's may still differ by a few seconds.
@@ -21,17 +21,6 @@ pub const LEEWAY: Duration = Duration::from_secs(30);
 /// Larger tokens are not Kubernetes tokens (which are about 1 KiB); the HTTP layer bounds the
 /// header anyway, this bounds the work done on a value that reached us.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
-
-/// Algorithms a Kubernetes issuer signs with. `none` and every HMAC algorithm are refused:
-/// a verifier that accepts HS256 can be fooled with the public key used as the HMAC secret.
-pub const ACCEPTED_ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::PS256,
-];
 
 /// A pod's raw token. Its `Debug` and `Display` show a digest prefix, never the token.
 #[derive(Clone, PartialEq, Eq)]

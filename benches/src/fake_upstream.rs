@@ -1,6 +1,7 @@
 //! A wire-level fake of both upstreams, over real HTTP on loopback: EKS Auth
 //! `AssumeRoleForPodIdentity` in restJson1 and STS `AssumeRoleWithWebIdentity` in the awsQuery
-//! XML the AWS SDKs parse (`shared/docs/CONTRACT.md` and `PROTOCOL.md`, wire formats).
+//! XML the AWS SDKs parse, the same shapes as the black-box tests' fakes in
+//! `proto-tests/src/fakes/` (which check them against the SDKs and moto).
 //!
 //! It counts calls (the load tool's "upstream calls" column), answers after a configurable
 //! latency, and issues credentials that live one hour unless told otherwise. The soak tool

@@ -176,14 +176,71 @@ impl Exited {
     }
 }
 
+/// What every builder that ends in a started agent takes from its test: extra server flags,
+/// and whether to wait for readiness.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    args: Vec<OsString>,
+    wait_ready: bool,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            args: Vec::new(),
+            wait_ready: true,
+        }
+    }
+}
+
+/// The builder methods of [`AgentOptions`], for a builder that keeps them in `self.options`.
+macro_rules! agent_options_methods {
+    () => {
+        /// Append a server flag (after the defaults).
+        pub fn arg(mut self, arg: impl Into<std::ffi::OsString>) -> Self {
+            self.options.push_args([arg]);
+            self
+        }
+
+        pub fn args<I, S>(mut self, args: I) -> Self
+        where
+            I: IntoIterator<Item = S>,
+            S: Into<std::ffi::OsString>,
+        {
+            self.options.push_args(args);
+            self
+        }
+
+        /// Whether `start` also waits for `/readyz` to answer 200 (default: yes).
+        pub fn wait_ready(mut self, wait: bool) -> Self {
+            self.options.set_wait_ready(wait);
+            self
+        }
+    };
+}
+pub(crate) use agent_options_methods;
+
+impl AgentOptions {
+    pub(crate) fn push_args<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+    }
+
+    pub(crate) fn set_wait_ready(&mut self, wait: bool) {
+        self.wait_ready = wait;
+    }
+}
+
 /// Configures and starts an [`Agent`].
 #[derive(Clone, Debug)]
 pub struct AgentBuilder {
     backend: Backend,
     bind_hosts: String,
-    args: Vec<OsString>,
+    options: AgentOptions,
     env: Vec<(OsString, OsString)>,
-    wait_ready: bool,
 }
 
 impl AgentBuilder {
@@ -208,9 +265,8 @@ impl AgentBuilder {
         Self {
             backend,
             bind_hosts: "127.0.0.1".to_owned(),
-            args: Vec::new(),
+            options: AgentOptions::default(),
             env: Vec::new(),
-            wait_ready: true,
         }
     }
 
@@ -233,18 +289,12 @@ impl AgentBuilder {
         self
     }
 
-    /// Append a server flag (after the defaults).
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
+    agent_options_methods!();
 
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
+    /// Take a test bed's options: its flags after those given so far, and its readiness wait.
+    pub fn options(mut self, options: AgentOptions) -> Self {
+        self.options.args.extend(options.args);
+        self.options.wait_ready = options.wait_ready;
         self
     }
 
@@ -252,12 +302,6 @@ impl AgentBuilder {
     /// otherwise cleared, see [`AgentBuilder::start`]).
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// Whether `start` also waits for `/readyz` to answer 200 (default: yes).
-    pub fn wait_ready(mut self, wait: bool) -> Self {
-        self.wait_ready = wait;
         self
     }
 
@@ -286,7 +330,7 @@ impl AgentBuilder {
         .map(OsString::from)
         .collect();
         args.extend(self.backend.args());
-        args.extend(self.args.iter().cloned());
+        args.extend(self.options.args.iter().cloned());
         args
     }
 
@@ -305,7 +349,9 @@ impl AgentBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for var in ["PATH", "RUST_LOG"] {
+        // POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against
+        // a defence-switches build with one defence off (agent/src/defence.rs).
+        for var in ["PATH", "RUST_LOG", "POD_IDENTITY_AGENT_DISABLE_DEFENCE"] {
             if let Some(v) = std::env::var_os(var) {
                 cmd.env(var, v);
             }
@@ -378,7 +424,7 @@ impl AgentBuilder {
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         agent.wait_for_listeners(deadline).await;
-        if self.wait_ready {
+        if self.options.wait_ready {
             agent.wait_for_ready(deadline).await;
         }
         agent
@@ -646,6 +692,28 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// One credentials request per token, all sent at once to `addr`: each answer (or I/O
+/// error) with how long it took, in the order they completed.
+pub async fn burst<I>(addr: SocketAddr, tokens: I) -> Vec<(std::io::Result<RawResponse>, Duration)>
+where
+    I: IntoIterator<Item = String>,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for token in tokens {
+        tasks.spawn(async move {
+            let started = Instant::now();
+            let response =
+                send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await;
+            (response, started.elapsed())
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        out.push(joined.expect("request task"));
+    }
+    out
 }
 
 /// One request on a fresh connection, with default `Host` and

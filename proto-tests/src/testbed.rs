@@ -2,13 +2,12 @@
 //! associations file), trusted keys in a JWKS file, and an agent started
 //! against them.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::agent::{Agent, AgentBuilder, Exited};
+use crate::agent::{agent_options_methods, Agent, AgentBuilder, AgentOptions, Exited};
 use crate::associations::{Association, AssociationsFile, Format};
 use crate::fakes::eks_auth::FakeEksAuth;
 use crate::fakes::sts::FakeSts;
@@ -31,8 +30,7 @@ impl TestBed {
     pub fn builder() -> TestBedBuilder {
         TestBedBuilder {
             key_source: true,
-            args: Vec::new(),
-            wait_ready: true,
+            options: AgentOptions::default(),
         }
     }
 
@@ -48,8 +46,7 @@ impl TestBed {
 
 pub struct TestBedBuilder {
     key_source: bool,
-    args: Vec<OsString>,
-    wait_ready: bool,
+    options: AgentOptions,
 }
 
 impl TestBedBuilder {
@@ -60,36 +57,19 @@ impl TestBedBuilder {
         self
     }
 
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    pub fn wait_ready(mut self, wait: bool) -> Self {
-        self.wait_ready = wait;
-        self
-    }
+    agent_options_methods!();
 
     pub async fn start(self) -> TestBed {
         let keys = TestKeys::shared();
         let dir = tempfile::tempdir().expect("temp dir");
         let upstream = FakeEksAuth::start().await;
-        let mut builder = AgentBuilder::new(upstream.url()).wait_ready(self.wait_ready);
+        let mut builder = AgentBuilder::new(upstream.url());
         if self.key_source {
-            let path = dir.path().join("jwks.json");
-            write_jwks(&path, &[&keys.rsa, &keys.ec]).expect("write JWKS file");
-            builder = builder.arg("--jwks-file").arg(path);
+            builder = builder
+                .arg("--jwks-file")
+                .arg(trusted_jwks_file(&dir, keys));
         }
-        let agent = builder.args(self.args).start().await;
+        let agent = builder.options(self.options).start().await;
         TestBed {
             upstream,
             agent,
@@ -131,8 +111,7 @@ impl StsTestBed {
             associations_flag: true,
             key_source: true,
             endpoint: None,
-            args: Vec::new(),
-            wait_ready: true,
+            options: AgentOptions::default(),
         }
     }
 
@@ -149,8 +128,7 @@ pub struct StsTestBedBuilder {
     associations_flag: bool,
     key_source: bool,
     endpoint: Option<String>,
-    args: Vec<OsString>,
-    wait_ready: bool,
+    options: AgentOptions,
 }
 
 impl StsTestBedBuilder {
@@ -195,24 +173,7 @@ impl StsTestBedBuilder {
         self
     }
 
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    pub fn wait_ready(mut self, wait: bool) -> Self {
-        self.wait_ready = wait;
-        self
-    }
+    agent_options_methods!();
 
     /// Write the files and return the agent's builder.
     fn prepare(self, sts: &FakeSts, dir: &TempDir) -> (AgentBuilder, AssociationsFile) {
@@ -223,16 +184,14 @@ impl StsTestBedBuilder {
             None => file.write(&self.associations),
         }
         let endpoint = self.endpoint.unwrap_or_else(|| sts.url());
-        let mut builder = AgentBuilder::sts(endpoint).wait_ready(self.wait_ready);
+        let mut builder = AgentBuilder::sts(endpoint);
         if self.associations_flag {
             builder = builder.associations(file.path());
         }
         if self.key_source {
-            let path = dir.path().join("jwks.json");
-            write_jwks(&path, &[&keys.rsa, &keys.ec]).expect("write JWKS file");
-            builder = builder.arg("--jwks-file").arg(path);
+            builder = builder.arg("--jwks-file").arg(trusted_jwks_file(dir, keys));
         }
-        (builder.args(self.args), file)
+        (builder.options(self.options), file)
     }
 
     pub async fn start(self) -> StsTestBed {
@@ -257,4 +216,11 @@ impl StsTestBedBuilder {
         let (builder, _file) = self.prepare(&sts, &dir);
         builder.run_to_exit(timeout).await
     }
+}
+
+/// `jwks.json` in `dir`, trusting both shared test keys.
+fn trusted_jwks_file(dir: &TempDir, keys: &TestKeys) -> PathBuf {
+    let path = dir.path().join("jwks.json");
+    write_jwks(&path, &[&keys.rsa, &keys.ec]).expect("write JWKS file");
+    path
 }

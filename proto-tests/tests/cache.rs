@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use proto_tests::agent::{send_to, CREDENTIALS_PATH};
+use proto_tests::agent::{burst, CREDENTIALS_PATH};
 use proto_tests::assertions::{assert_credentials, only_issued};
 use proto_tests::metrics;
 use proto_tests::{Fault, Pod, TestBed, TestKeys};
@@ -18,18 +18,10 @@ async fn burst_for_one_token_is_one_upstream_call() {
     bed.upstream.set_latency(Duration::from_millis(200));
     let addr = bed.agent.credentials_addr();
     let token = bed.token(&Pod::new("team-a", "worker", "worker-0"));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..BURST {
-        let token = token.clone();
-        tasks.spawn(async move {
-            send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await
-        });
-    }
     let mut key_ids = Vec::with_capacity(BURST);
-    while let Some(joined) = tasks.join_next().await {
-        let response = joined
-            .expect("request task")
-            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", bed.agent.logs_text()));
+    for (response, _) in burst(addr, std::iter::repeat_n(token, BURST)).await {
+        let response =
+            response.unwrap_or_else(|e| panic!("request failed: {e}\n{}", bed.agent.logs_text()));
         assert_eq!(response.status, 200, "{response:?}");
         key_ids.push(response.json_str("AccessKeyId").expect("AccessKeyId"));
     }

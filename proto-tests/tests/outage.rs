@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto_tests::agent::{send_to, CREDENTIALS_PATH};
+use proto_tests::agent::burst;
 use proto_tests::assertions::parse_rfc3339_utc;
 use proto_tests::http::RawResponse;
 use proto_tests::metrics;
@@ -174,18 +174,9 @@ async fn cold_burst_of_1000_pods_under_throttling() {
         .collect();
     let tokens: Vec<String> = pods.iter().map(|p| bed.token(p)).collect();
     let addr = bed.agent.credentials_addr();
-    let mut tasks = tokio::task::JoinSet::new();
-    for token in tokens {
-        tasks.spawn(async move {
-            let started = Instant::now();
-            let r = send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await;
-            (r, started.elapsed())
-        });
-    }
     let (mut throttled, mut busy) = (0, 0);
     let mut slowest = Duration::ZERO;
-    while let Some(joined) = tasks.join_next().await {
-        let (response, took) = joined.unwrap();
+    for (response, took) in burst(addr, tokens).await {
         let response = response.expect("answered");
         slowest = slowest.max(took);
         match response.status {

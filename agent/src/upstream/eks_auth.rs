@@ -4,10 +4,11 @@ use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodId
 
 use super::{
     account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
-    Backend, CodePolicy, Credentials, FetchFuture, ResponseSizeLimit, SetupError, SharedHttpClient,
-    UpstreamError,
+    Backend, CodePolicy, ConfigError, Credentials, FetchFuture, ResponseSizeLimit,
+    SharedHttpClient, UpstreamError,
 };
 use crate::config::Config;
+use crate::defence::{self, Defence};
 use crate::token::Identity;
 
 const SERVICE: &str = "EKS Auth";
@@ -24,7 +25,7 @@ pub struct EksAuth {
 }
 
 impl EksAuth {
-    pub async fn new(config: &Config) -> Result<EksAuth, SetupError> {
+    pub async fn new(config: &Config) -> Result<EksAuth, ConfigError> {
         Self::build(config, None).await
     }
 
@@ -32,14 +33,14 @@ impl EksAuth {
     pub async fn with_http_client(
         config: &Config,
         http_client: SharedHttpClient,
-    ) -> Result<EksAuth, SetupError> {
+    ) -> Result<EksAuth, ConfigError> {
         Self::build(config, Some(http_client)).await
     }
 
     async fn build(
         config: &Config,
         http_client: Option<SharedHttpClient>,
-    ) -> Result<EksAuth, SetupError> {
+    ) -> Result<EksAuth, ConfigError> {
         let sdk = sdk_config(config, false, http_client).await?;
         let mut builder =
             aws_sdk_eksauth::config::Builder::from(&sdk).interceptor(ResponseSizeLimit);
@@ -78,7 +79,11 @@ fn credentials_from(
     // the token's own: anything else is a response to some other request, and serving it
     // would hand this pod another workload's role.
     let subject = out.subject().ok_or_else(|| invalid("has no subject"))?;
-    if let Some(claims) = &identity.verified {
+    if let Some(claims) = identity
+        .verified
+        .as_ref()
+        .filter(|_| defence::on(Defence::EksAuthIdentityCheck))
+    {
         if subject.namespace() != claims.namespace
             || subject.service_account() != claims.service_account
         {

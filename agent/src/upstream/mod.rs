@@ -21,7 +21,8 @@ use aws_sdk_eksauth::config::{ConfigBag, Intercept, RuntimeComponents, SharedHtt
 use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::body::SdkBody;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::defence::{self, Defence};
 use crate::token::Identity;
 
 // The SDKs' own retries are turned off and replaced by MAX_ATTEMPTS explicit attempts inside
@@ -53,21 +54,13 @@ const ACCESS_KEY_ID_LEN: std::ops::RangeInclusive<usize> = 16..=128;
 /// Secret access keys are 40 characters; allow some room, no more.
 const MAX_SECRET_LEN: usize = 256;
 
-/// A configuration problem found while setting up a backend (exit 64).
-#[derive(Debug, thiserror::Error)]
-#[error("--{flag}: {message}")]
-pub struct SetupError {
-    pub flag: &'static str,
-    pub message: String,
-}
-
 /// The AWS SDK configuration both backends start from: explicit timeouts, no SDK retries,
 /// the region from `--region` or the SDK's chain.
 async fn sdk_config(
     config: &Config,
     anonymous: bool,
     http_client: Option<SharedHttpClient>,
-) -> Result<aws_config::SdkConfig, SetupError> {
+) -> Result<aws_config::SdkConfig, ConfigError> {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .operation_attempt_timeout(ATTEMPT_TIMEOUT)
@@ -95,10 +88,10 @@ async fn sdk_config(
     }
     let sdk = loader.load().await;
     if sdk.region().is_none() {
-        return Err(SetupError {
-            flag: "region",
-            message: "no AWS region configured (set --region or AWS_REGION)".into(),
-        });
+        return Err(ConfigError::new(
+            "region",
+            "no AWS region configured (set --region or AWS_REGION)",
+        ));
     }
     Ok(sdk)
 }
@@ -179,7 +172,11 @@ impl Intercept for ResponseSizeLimit {
     ) -> Result<(), aws_sdk_eksauth::error::BoxError> {
         let body = context.response_mut().body_mut();
         let inner = std::mem::replace(body, SdkBody::taken());
-        *body = SdkBody::from_body_1_x(http_body_util::Limited::new(inner, MAX_RESPONSE_BYTES));
+        *body = if defence::on(Defence::ResponseSizeCap) {
+            SdkBody::from_body_1_x(http_body_util::Limited::new(inner, MAX_RESPONSE_BYTES))
+        } else {
+            inner
+        };
         Ok(())
     }
 }

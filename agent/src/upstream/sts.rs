@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{
     account_of_arn, checked_credentials, classify, invalid_response, sdk_config, with_retries,
-    Backend, CodePolicy, Credentials, FailureKind, FetchFuture, ResponseSizeLimit, SetupError,
+    Backend, CodePolicy, ConfigError, Credentials, FailureKind, FetchFuture, ResponseSizeLimit,
     SharedHttpClient, UpstreamError,
 };
 use crate::associations::{Association, AssociationStore};
@@ -58,7 +58,7 @@ impl Sts {
     pub async fn new(
         config: &Config,
         associations: Arc<AssociationStore>,
-    ) -> Result<Sts, SetupError> {
+    ) -> Result<Sts, ConfigError> {
         Self::build(config, associations, None).await
     }
 
@@ -67,7 +67,7 @@ impl Sts {
         config: &Config,
         associations: Arc<AssociationStore>,
         http_client: SharedHttpClient,
-    ) -> Result<Sts, SetupError> {
+    ) -> Result<Sts, ConfigError> {
         Self::build(config, associations, Some(http_client)).await
     }
 
@@ -75,7 +75,7 @@ impl Sts {
         config: &Config,
         associations: Arc<AssociationStore>,
         http_client: Option<SharedHttpClient>,
-    ) -> Result<Sts, SetupError> {
+    ) -> Result<Sts, ConfigError> {
         let sdk = sdk_config(config, true, http_client).await?;
         let mut builder = aws_sdk_sts::config::Builder::from(&sdk).interceptor(ResponseSizeLimit);
         let region = sdk

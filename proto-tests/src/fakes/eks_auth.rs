@@ -6,7 +6,6 @@
 //! UID in its secret parts, so a test can tell exactly which issuance, and
 //! which pod's, a client ended up with. SigV4 headers are recorded, not checked.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,8 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
+use super::recorder::{RecordedCall, Recorder};
 use super::{json_response, serve_loopback, ServerGuard};
 use crate::keys::{self, DEFAULT_AUDIENCE};
 
@@ -117,9 +116,6 @@ pub struct IssuedCredentials {
 }
 
 struct State {
-    calls: Vec<UpstreamCall>,
-    calls_per_pod: HashMap<String, u64>,
-    issued: Vec<IssuedCredentials>,
     latency: Duration,
     fault: Fault,
     lifetime: Duration,
@@ -127,8 +123,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// Number of calls received, for `wait_for_calls`.
-    received: watch::Sender<u64>,
+    recorder: Recorder<UpstreamCall>,
 }
 
 impl Shared {
@@ -146,20 +141,33 @@ pub struct FakeEksAuth {
     _server: Arc<ServerGuard>,
 }
 
+impl RecordedCall for UpstreamCall {
+    fn pod_uid(&self) -> Option<&str> {
+        self.pod_uid.as_deref()
+    }
+}
+
+/// The calls and credentials the fake recorded: `calls()`, `call_log()`, `issued()`,
+/// `wait_for_calls()` and the rest of [`Recorder`].
+impl std::ops::Deref for FakeEksAuth {
+    type Target = Recorder<UpstreamCall>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.shared.recorder
+    }
+}
+
 impl FakeEksAuth {
     /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the
     /// server lives until the last handle is dropped.
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                calls: Vec::new(),
-                calls_per_pod: HashMap::new(),
-                issued: Vec::new(),
                 latency: Duration::ZERO,
                 fault: Fault::Ok,
                 lifetime: DEFAULT_CREDENTIAL_LIFETIME,
             }),
-            received: watch::Sender::new(0),
+            recorder: Recorder::default(),
         });
         let handler_state = shared.clone();
         let (addr, guard) = serve_loopback(move |req| handle(handler_state.clone(), req))
@@ -181,58 +189,12 @@ impl FakeEksAuth {
         self.addr
     }
 
-    /// Requests received on the operation route so far (counted on arrival,
-    /// before latency or faults apply).
-    pub fn calls(&self) -> u64 {
-        self.shared.lock().calls.len() as u64
-    }
-
-    pub fn calls_for_pod(&self, pod_uid: &str) -> u64 {
-        self.shared
-            .lock()
-            .calls_per_pod
-            .get(pod_uid)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    pub fn call_log(&self) -> Vec<UpstreamCall> {
-        self.shared.lock().calls.clone()
-    }
-
     /// Every token received, in arrival order.
     pub fn tokens(&self) -> Vec<String> {
-        self.shared
-            .lock()
-            .calls
-            .iter()
-            .filter_map(|c| c.token.clone())
+        self.call_log()
+            .into_iter()
+            .filter_map(|c| c.token)
             .collect()
-    }
-
-    /// Every credential issued, in order.
-    pub fn issued(&self) -> Vec<IssuedCredentials> {
-        self.shared.lock().issued.clone()
-    }
-
-    pub fn issued_for_pod(&self, pod_uid: &str) -> Vec<IssuedCredentials> {
-        self.shared
-            .lock()
-            .issued
-            .iter()
-            .filter(|c| c.pod_uid == pod_uid)
-            .cloned()
-            .collect()
-    }
-
-    /// The issuance an access key id belongs to.
-    pub fn find_issued(&self, access_key_id: &str) -> Option<IssuedCredentials> {
-        self.shared
-            .lock()
-            .issued
-            .iter()
-            .find(|c| c.access_key_id == access_key_id)
-            .cloned()
     }
 
     /// Delay every subsequent answer by `latency`.
@@ -247,26 +209,6 @@ impl FakeEksAuth {
     /// Lifetime of credentials issued from now on.
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
         self.shared.lock().lifetime = lifetime;
-    }
-
-    /// Wait until at least `n` calls have been received; false on timeout.
-    pub async fn wait_for_calls(&self, n: u64, timeout: Duration) -> bool {
-        let mut rx = self.shared.received.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|&c| c >= n))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
-    /// Wait until at least `n` credentials have been issued; false on timeout.
-    pub async fn wait_for_issued(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while tokio::time::Instant::now() < deadline {
-            if self.shared.lock().issued.len() >= n {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.shared.lock().issued.len() >= n
     }
 }
 
@@ -305,22 +247,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         .and_then(|v| v.get("token")?.as_str().map(str::to_owned));
     let subject = token.as_deref().and_then(Subject::from_token);
 
+    shared.recorder.record(|_| UpstreamCall {
+        cluster_name: cluster.clone(),
+        token: token.clone(),
+        sigv4_signed,
+        signing_key_id,
+        pod_uid: subject.as_ref().map(|s| s.pod_uid.clone()),
+    });
     let (latency, fault, lifetime) = {
-        let mut state = shared.lock();
-        let pod_uid = subject.as_ref().map(|s| s.pod_uid.clone());
-        if let Some(uid) = &pod_uid {
-            *state.calls_per_pod.entry(uid.clone()).or_default() += 1;
-        }
-        state.calls.push(UpstreamCall {
-            cluster_name: cluster.clone(),
-            token: token.clone(),
-            sigv4_signed,
-            signing_key_id,
-            pod_uid,
-        });
+        let state = shared.lock();
         (state.latency, state.fault.clone(), state.lifetime)
     };
-    shared.received.send_modify(|n| *n += 1);
 
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -364,13 +301,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         })
         .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned());
 
-    let issued = {
-        let mut state = shared.lock();
-        let serial = state.issued.len() as u64 + 1;
-        let issued = subject.issue(&cluster, serial, lifetime);
-        state.issued.push(issued.clone());
-        issued
-    };
+    let issued = shared
+        .recorder
+        .issue(|serial| subject.issue(&cluster, serial, lifetime));
     let association_id = association_id(&subject.namespace, &subject.service_account);
     let session = issued.role_arn.rsplit('/').next().unwrap_or_default();
     json_response(

@@ -6,6 +6,7 @@
 pub mod eks_auth;
 pub mod jwks;
 pub mod moto;
+pub mod recorder;
 pub mod sts;
 
 use std::convert::Infallible;

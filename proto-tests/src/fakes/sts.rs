@@ -14,7 +14,7 @@
 //! a request carried an `Authorization` header, so tests can assert that the
 //! agent sends none.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,8 +26,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::Value;
-use tokio::sync::watch;
 
+use super::recorder::{RecordedCall, Recorder};
 use super::{serve_loopback, CredentialIssuer, ServerGuard};
 use crate::assertions::format_rfc3339_utc;
 use crate::fakes::eks_auth::IssuedCredentials;
@@ -185,9 +185,6 @@ impl StsCall {
 }
 
 struct State {
-    calls: Vec<StsCall>,
-    calls_per_pod: HashMap<String, u64>,
-    issued: Vec<IssuedCredentials>,
     latency: Duration,
     fault: StsFault,
     /// Faults for the next calls, ahead of `fault`.
@@ -198,8 +195,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// Number of calls received, for `wait_for_calls`.
-    received: watch::Sender<u64>,
+    recorder: Recorder<StsCall>,
 }
 
 impl Shared {
@@ -217,21 +213,34 @@ pub struct FakeSts {
     _server: Arc<ServerGuard>,
 }
 
+impl RecordedCall for StsCall {
+    fn pod_uid(&self) -> Option<&str> {
+        self.pod_uid.as_deref()
+    }
+}
+
+/// The calls and credentials the fake recorded: `calls()`, `call_log()`, `issued()`,
+/// `wait_for_calls()` and the rest of [`Recorder`].
+impl std::ops::Deref for FakeSts {
+    type Target = Recorder<StsCall>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.shared.recorder
+    }
+}
+
 impl FakeSts {
     /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the
     /// server lives until the last handle is dropped.
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                calls: Vec::new(),
-                calls_per_pod: HashMap::new(),
-                issued: Vec::new(),
                 latency: Duration::ZERO,
                 fault: StsFault::Ok,
                 queued: VecDeque::new(),
                 lifetime: None,
             }),
-            received: watch::Sender::new(0),
+            recorder: Recorder::default(),
         });
         let handler_state = shared.clone();
         let (addr, guard) = serve_loopback(move |req| handle(handler_state.clone(), req))
@@ -251,60 +260,6 @@ impl FakeSts {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Requests received so far (counted on arrival, before latency or faults
-    /// apply, and including requests the fake rejected as malformed).
-    pub fn calls(&self) -> u64 {
-        self.shared.lock().calls.len() as u64
-    }
-
-    pub fn calls_for_pod(&self, pod_uid: &str) -> u64 {
-        self.shared
-            .lock()
-            .calls_per_pod
-            .get(pod_uid)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    pub fn call_log(&self) -> Vec<StsCall> {
-        self.shared.lock().calls.clone()
-    }
-
-    pub fn calls_for(&self, pod_uid: &str) -> Vec<StsCall> {
-        self.shared
-            .lock()
-            .calls
-            .iter()
-            .filter(|c| c.pod_uid.as_deref() == Some(pod_uid))
-            .cloned()
-            .collect()
-    }
-
-    /// Every credential issued, in order.
-    pub fn issued(&self) -> Vec<IssuedCredentials> {
-        self.shared.lock().issued.clone()
-    }
-
-    pub fn issued_for_pod(&self, pod_uid: &str) -> Vec<IssuedCredentials> {
-        self.shared
-            .lock()
-            .issued
-            .iter()
-            .filter(|c| c.pod_uid == pod_uid)
-            .cloned()
-            .collect()
-    }
-
-    /// The issuance an access key id belongs to.
-    pub fn find_issued(&self, access_key_id: &str) -> Option<IssuedCredentials> {
-        self.shared
-            .lock()
-            .issued
-            .iter()
-            .find(|c| c.access_key_id == access_key_id)
-            .cloned()
     }
 
     /// Delay every subsequent answer by `latency`.
@@ -328,14 +283,6 @@ impl FakeSts {
     /// asked for.
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
         self.shared.lock().lifetime = Some(lifetime);
-    }
-
-    /// Wait until at least `n` calls have been received; false on timeout.
-    pub async fn wait_for_calls(&self, n: u64, timeout: Duration) -> bool {
-        let mut rx = self.shared.received.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|&c| c >= n))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -484,34 +431,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     let web_identity_token = first("WebIdentityToken");
     let subject = web_identity_token.as_deref().and_then(TokenSubject::parse);
 
-    let (call, latency, fault, lifetime) = {
+    let call = StsCall {
+        seq: 0,
+        method: method.to_string(),
+        path: path.clone(),
+        content_type,
+        authorization,
+        action: first("Action"),
+        version: first("Version"),
+        role_arn: first("RoleArn"),
+        role_session_name: first("RoleSessionName"),
+        duration_seconds: first("DurationSeconds").and_then(|d| d.parse().ok()),
+        web_identity_token,
+        pod_uid: subject.as_ref().map(|s| s.pod_uid.clone()),
+        params,
+    };
+    let call = shared.recorder.record(|seq| StsCall { seq, ..call });
+    let (latency, fault, lifetime) = {
         let mut state = shared.lock();
-        let call = StsCall {
-            seq: state.calls.len() as u64 + 1,
-            method: method.to_string(),
-            path: path.clone(),
-            content_type,
-            authorization,
-            action: first("Action"),
-            version: first("Version"),
-            role_arn: first("RoleArn"),
-            role_session_name: first("RoleSessionName"),
-            duration_seconds: first("DurationSeconds").and_then(|d| d.parse().ok()),
-            web_identity_token,
-            pod_uid: subject.as_ref().map(|s| s.pod_uid.clone()),
-            params,
-        };
-        if let Some(uid) = &call.pod_uid {
-            *state.calls_per_pod.entry(uid.clone()).or_default() += 1;
-        }
-        state.calls.push(call.clone());
         let fault = state
             .queued
             .pop_front()
             .unwrap_or_else(|| state.fault.clone());
-        (call, state.latency, fault, state.lifetime)
+        (state.latency, fault, state.lifetime)
     };
-    shared.received.send_modify(|n| *n += 1);
 
     if path != "/" {
         return error_response(404, "UnknownOperationException", "unknown path");
@@ -559,13 +502,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     };
     let lifetime = lifetime.unwrap_or(Duration::from_secs(params.duration_seconds));
 
-    let issued = {
-        let mut state = shared.lock();
-        let serial = state.issued.len() as u64 + 1;
-        let issued = subject.issue(&params.role, params.session_name, serial, lifetime);
-        state.issued.push(issued.clone());
-        issued
-    };
+    let issued = shared
+        .recorder
+        .issue(|serial| subject.issue(&params.role, params.session_name, serial, lifetime));
     success_response(&issued, &subject, params.session_name)
 }
 
