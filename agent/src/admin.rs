@@ -73,10 +73,9 @@ pub async fn handle(
             ),
         },
         "/metrics" => {
-            state
-                .metrics
-                .cache_entries
-                .set(state.cache.entry_count() as i64);
+            // The whole-cache gauges (entries by state, shortest lifetime in use) are read
+            // at scrape time, so alerts see the cache as it is now.
+            state.cache.observe();
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -55,6 +55,37 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log level by the upstream agent's names (panic, fatal, error, warn, info, debug,
+    /// trace); overrides --log-level. Accepted before or after the subcommand.
+    #[arg(short = 'v', long, global = true, value_enum)]
+    pub verbosity: Option<Verbosity>,
+}
+
+/// The upstream agent's `-v/--verbosity` levels (logrus names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Verbosity {
+    Panic,
+    Fatal,
+    Error,
+    #[value(alias = "warning")]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Verbosity {
+    /// The log filter it stands for: this agent never panics or exits on purpose through a
+    /// log call, so `panic` and `fatal` show errors only.
+    pub fn filter(self) -> &'static str {
+        match self {
+            Verbosity::Panic | Verbosity::Fatal | Verbosity::Error => "error",
+            Verbosity::Warn => "warn",
+            Verbosity::Info => "info",
+            Verbosity::Debug => "debug",
+            Verbosity::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +96,8 @@ pub enum Command {
     Initialize(InitializeArgs),
     /// Self-contained demo: generated key, token file, in-process EKS Auth stand-in.
     Dev(DevArgs),
+    /// Print the version and exit.
+    Version,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,17 +197,17 @@ pub struct ServerArgs {
         default_value = "pod"
     )]
     pub cache_scope: CacheScope,
-    /// Maximum number of cached entries.
+    /// Maximum number of cached entries (0: no caching; concurrent requests still share a call).
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_CACHE_SIZE",
         default_value_t = DEFAULT_MAX_CACHE_SIZE
     )]
     pub max_cache_size: u64,
-    /// Longest time cached credentials are served before they are fetched again.
+    /// Longest time cached credentials are served before they are fetched again (0: no caching).
     #[arg(long, env = "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL", default_value_t = DEFAULT_MAX_RETENTION.into())]
     pub max_credential_retention_before_renewal: humantime::Duration,
-    /// Background refresh budget to the upstream, in calls per second.
+    /// Background refresh budget to the upstream, in calls per second (0 or less: the default).
     #[arg(
         long,
         env = "POD_IDENTITY_AGENT_MAX_SERVICE_QPS",
@@ -552,20 +585,17 @@ impl ServerArgs {
         if audiences.is_empty() {
             return Err(bad("audience", "at least one audience is required"));
         }
-        if self.max_cache_size == 0 {
-            return Err(bad("max-cache-size", "must be at least 1"));
-        }
         let max_retention: Duration = self.max_credential_retention_before_renewal.into();
         let idle_timeout: Duration = self.idle_timeout.into();
-        if max_retention < MIN_RETENTION {
-            return Err(bad(
-                "max-credential-retention-before-renewal",
-                "must be at least 1m",
-            ));
+        if !self.max_service_qps.is_finite() {
+            return Err(bad("max-service-qps", "must be a number"));
         }
-        if !(self.max_service_qps.is_finite() && self.max_service_qps > 0.0) {
-            return Err(bad("max-service-qps", "must be a positive number"));
-        }
+        // Upstream's meaning: zero or less is the default.
+        let max_service_qps = if self.max_service_qps > 0.0 {
+            self.max_service_qps
+        } else {
+            DEFAULT_MAX_SERVICE_QPS
+        };
         if self.max_upstream_concurrency == 0 || self.max_upstream_concurrency > 4096 {
             return Err(bad(
                 "max-upstream-concurrency",
@@ -615,7 +645,7 @@ impl ServerArgs {
             cache_scope: self.cache_scope,
             max_cache_size: self.max_cache_size,
             max_retention,
-            max_service_qps: self.max_service_qps,
+            max_service_qps,
             max_upstream_concurrency: self.max_upstream_concurrency,
             max_connections: self.max_connections,
             idle_timeout,
@@ -639,9 +669,6 @@ const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// connection slots for clients that have gone quiet.
 const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Shorter retention would turn the cache into a pass-through with extra steps.
-const MIN_RETENTION: Duration = Duration::from_secs(60);
 
 /// EKS cluster names: 1-100 characters, `[0-9A-Za-z][A-Za-z0-9\-_]*` (the EKS Auth model).
 fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
@@ -768,7 +795,10 @@ mod tests {
             (vec!["-c", "-bad"], "--cluster-name"),
             (vec!["-c", "x", "--endpoint", "ftp://x"], "--endpoint"),
             (vec!["-c", "x", "--jwks-url", "not a url"], "--jwks-url"),
-            (vec!["-c", "x", "--max-cache-size", "0"], "--max-cache-size"),
+            (
+                vec!["-c", "x", "--max-cache-size", "lots"],
+                "--max-cache-size",
+            ),
             (vec!["-c", "x", "--backend", "sts"], "--associations"),
             (
                 vec!["--backend", "sts", "--associations", "/a.yaml"],
@@ -796,10 +826,6 @@ mod tests {
             (
                 vec!["-c", "x", "--max-service-qps", "NaN"],
                 "--max-service-qps",
-            ),
-            (
-                vec!["-c", "x", "--max-credential-retention-before-renewal", "5s"],
-                "--max-credential-retention-before-renewal",
             ),
         ] {
             let err = parse(&args).unwrap_err();

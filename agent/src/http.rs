@@ -162,12 +162,14 @@ impl ApiError {
                     }
                     // Pass the upstream's own 4xx through (404 for a missing association),
                     // but never let it pose as our rate limit.
-                    FailureKind::Rejected { status }
-                        if (400..500).contains(&status) && status != 429 =>
-                    {
-                        S::from_u16(status).unwrap_or(S::BAD_REQUEST)
-                    }
-                    FailureKind::Rejected { .. } => S::BAD_REQUEST,
+                    kind @ (FailureKind::Rejected { .. }
+                    | FailureKind::AssociationRefused { .. }
+                    | FailureKind::TokenRefused { .. }) => match kind.refusal_status() {
+                        Some(status) if (400..500).contains(&status) && status != 429 => {
+                            S::from_u16(status).unwrap_or(S::BAD_REQUEST)
+                        }
+                        _ => S::BAD_REQUEST,
+                    },
                     FailureKind::Busy => {
                         return (
                             S::SERVICE_UNAVAILABLE,

@@ -174,17 +174,35 @@ impl Startup {
     }
 
     fn cache(&self, config: &Config, backend: Arc<dyn Backend>) -> Arc<CredentialCache> {
-        CredentialCache::new(
-            backend,
-            CacheSettings {
-                scope: config.cache_scope,
-                max_entries: config.max_cache_size,
-                max_retention: config.max_retention,
-                max_service_qps: config.max_service_qps,
-                max_upstream_concurrency: config.max_upstream_concurrency,
-            },
-            self.metrics.clone(),
-        )
+        let settings = CacheSettings {
+            scope: config.cache_scope,
+            max_entries: config.max_cache_size,
+            max_retention: config.max_retention,
+            max_service_qps: config.max_service_qps,
+            max_upstream_concurrency: config.max_upstream_concurrency,
+        };
+        if !settings.caching() {
+            tracing::warn!(
+                max_cache_size = config.max_cache_size,
+                retention_s = config.max_retention.as_secs(),
+                "caching is off: every request is an upstream call (concurrent requests for one pod still share it)"
+            );
+        } else {
+            // A full cache of entries in use is refreshed once per retention: above the budget,
+            // refreshes queue and pods start refetching on their own (accepted, but said once).
+            let needed = config.max_cache_size as f64 / config.max_retention.as_secs_f64();
+            if needed > config.max_service_qps {
+                tracing::warn!(
+                    max_cache_size = config.max_cache_size,
+                    retention_s = config.max_retention.as_secs_f64(),
+                    needed_qps = needed,
+                    max_service_qps = config.max_service_qps,
+                    "a full cache would need more background refreshes per second than --max-service-qps allows; \
+                     entries will be refreshed late or by the requests themselves"
+                );
+            }
+        }
+        CredentialCache::new(backend, settings, self.metrics.clone())
     }
 
     /// Bind the credentials addresses (those that cannot be bound are skipped, as long as one

@@ -4,13 +4,16 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{ConfigError, LogArgs, LogFormat};
+use crate::config::{ConfigError, LogArgs, LogFormat, Verbosity};
 
-pub fn init(args: &LogArgs) -> Result<(), ConfigError> {
-    let filter = EnvFilter::try_new(&args.log_level).map_err(|e| ConfigError {
-        flag: "log-level",
-        message: format!("'{}': {e}", args.log_level),
-    })?;
+/// Install the subscriber; `-v/--verbosity`, when given, takes the place of `--log-level`.
+pub fn init(args: &LogArgs, verbosity: Option<Verbosity>) -> Result<(), ConfigError> {
+    let level: &str = match verbosity {
+        Some(v) => v.filter(),
+        None => &args.log_level,
+    };
+    let filter = EnvFilter::try_new(level)
+        .map_err(|e| ConfigError::new("log-level", format!("'{level}': {e}")))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

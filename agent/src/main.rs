@@ -54,9 +54,14 @@ fn main() -> ExitCode {
             return exit(1);
         }
     };
+    let verbosity = cli.verbosity;
     match cli.command {
+        Command::Version => {
+            println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
         Command::Server(args) => {
-            if let Err(e) = logging::init(&args.log) {
+            if let Err(e) = logging::init(&args.log, verbosity) {
                 return usage_error(e);
             }
             match defence::check_environment() {
@@ -99,7 +104,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Dev(args) => {
-            if let Err(e) = logging::init(&args.log) {
+            if let Err(e) = logging::init(&args.log, verbosity) {
                 return usage_error(e);
             }
             match runtime.block_on(pod_identity_agent::dev::run(args.port)) {
@@ -111,7 +116,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Initialize(args) => {
-            if let Err(e) = logging::init(&args.log) {
+            if let Err(e) = logging::init(&args.log, verbosity) {
                 return usage_error(e);
             }
             match runtime.block_on(netlink::initialize(&args.link_name, &args.addresses)) {

@@ -291,11 +291,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_entries_by_state(&self, fresh: i64, refreshing: i64, stale: i64) {
+    pub fn set_entries_by_state(&self, fresh: i64, refreshing: i64, stale: i64, idle: i64) {
         for (state, n) in [
             ("fresh", fresh),
             ("refreshing", refreshing),
             ("stale", stale),
+            ("idle", idle),
         ] {
             self.cache_entries_by_state
                 .get_or_create(&[("state", state)])

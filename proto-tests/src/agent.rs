@@ -180,6 +180,8 @@ impl Exited {
 /// and whether to wait for readiness.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
+    /// Global flags, given before the `server` subcommand.
+    global_args: Vec<OsString>,
     args: Vec<OsString>,
     wait_ready: bool,
 }
@@ -187,6 +189,7 @@ pub struct AgentOptions {
 impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
+            global_args: Vec::new(),
             args: Vec::new(),
             wait_ready: true,
         }
@@ -216,6 +219,12 @@ macro_rules! agent_options_methods {
             self.options.set_wait_ready(wait);
             self
         }
+
+        /// A global flag, placed before the `server` subcommand.
+        pub fn global_arg(mut self, arg: impl Into<std::ffi::OsString>) -> Self {
+            self.options.push_global_arg(arg.into());
+            self
+        }
     };
 }
 pub(crate) use agent_options_methods;
@@ -231,6 +240,10 @@ impl AgentOptions {
 
     pub(crate) fn set_wait_ready(&mut self, wait: bool) {
         self.wait_ready = wait;
+    }
+
+    pub(crate) fn push_global_arg(&mut self, arg: OsString) {
+        self.global_args.push(arg);
     }
 }
 
@@ -293,6 +306,7 @@ impl AgentBuilder {
 
     /// Take a test bed's options: its flags after those given so far, and its readiness wait.
     pub fn options(mut self, options: AgentOptions) -> Self {
+        self.options.global_args.extend(options.global_args);
         self.options.args.extend(options.args);
         self.options.wait_ready = options.wait_ready;
         self
@@ -307,28 +321,30 @@ impl AgentBuilder {
 
     /// The full argument list the agent will be started with.
     pub fn command_line(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = [
-            "server",
-            "--cluster-name",
-            CLUSTER_NAME,
-            "--port",
-            "0",
-            "--bind-hosts",
-            &self.bind_hosts,
-            "--probe-port",
-            "0",
-            "--metrics-address",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            "--region",
-            REGION,
-            "--log-format",
-            "json",
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
+        let mut args: Vec<OsString> = self.options.global_args.clone();
+        args.extend(
+            [
+                "server",
+                "--cluster-name",
+                CLUSTER_NAME,
+                "--port",
+                "0",
+                "--bind-hosts",
+                &self.bind_hosts,
+                "--probe-port",
+                "0",
+                "--metrics-address",
+                "127.0.0.1",
+                "--metrics-port",
+                "0",
+                "--region",
+                REGION,
+                "--log-format",
+                "json",
+            ]
+            .into_iter()
+            .map(OsString::from),
+        );
         args.extend(self.backend.args());
         args.extend(self.options.args.iter().cloned());
         args

@@ -67,6 +67,11 @@ fn bad_flags_exit_64_naming_the_flag() {
             "--log-level",
         ),
         (&["--cluster-name", "c", "--no-such-flag"], "--no-such-flag"),
+        (&["--cluster-name", "c", "-v", "loud"], "--verbosity"),
+        (
+            &["--cluster-name", "c", "--max-cache-size", "lots"],
+            "--max-cache-size",
+        ),
         // No region anywhere (no flag, no env, IMDS disabled): named as --region.
         (&["--cluster-name", "c"], "--region"),
     ];
@@ -108,5 +113,81 @@ fn help_and_version_exit_zero() {
     ] {
         let (code, _) = run(args);
         assert_eq!(code, Some(0), "{args:?}");
+    }
+}
+
+#[test]
+fn version_subcommand_prints_the_version() {
+    let out = Command::new(agent_binary())
+        .arg("version")
+        .env_clear()
+        .output()
+        .expect("run the agent binary");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        format!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn upstream_flag_values_are_accepted() {
+    // Upstream's meanings: 0 turns caching off; any positive retention is accepted (a short
+    // one with a warning if it would outrun --max-service-qps); -v takes logrus level names
+    // before or after the subcommand.
+    for args in [
+        &[
+            "server",
+            "--cluster-name",
+            "c",
+            "--max-cache-size",
+            "0",
+            "--dry-run",
+        ][..],
+        &[
+            "server",
+            "--cluster-name",
+            "c",
+            "--max-credential-retention-before-renewal",
+            "0",
+            "--dry-run",
+        ][..],
+        &[
+            "server",
+            "--cluster-name",
+            "c",
+            "--max-credential-retention-before-renewal",
+            "5s",
+            "--dry-run",
+        ][..],
+        &["-v", "trace", "server", "--cluster-name", "c", "--dry-run"][..],
+        &[
+            "server",
+            "--cluster-name",
+            "c",
+            "--dry-run",
+            "--verbosity",
+            "warning",
+        ][..],
+        &[
+            "--verbosity",
+            "panic",
+            "server",
+            "--cluster-name",
+            "c",
+            "--dry-run",
+        ][..],
+        &[
+            "server",
+            "--cluster-name",
+            "c",
+            "--max-service-qps",
+            "0",
+            "--dry-run",
+        ][..],
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
     }
 }

@@ -581,3 +581,88 @@ async fn self_managed_overlay_associations_load_in_the_agent() {
         "{text}"
     );
 }
+
+/// `promtool`: on the PATH, or where `scripts/validate-deploy` puts it.
+fn promtool() -> PathBuf {
+    validate_deploy();
+    let venv = repo_root().join("proto-tests/clients/.venv/bin/promtool");
+    if venv.is_file() {
+        return venv;
+    }
+    PathBuf::from("promtool")
+}
+
+/// The credential-lifetime alert, fed what running agents export, through `promtool test
+/// rules`: it fires for an agent whose pods hold credentials that expire within 10 minutes,
+/// and stays quiet for one serving hour-long credentials.
+#[tokio::test]
+async fn the_lifetime_alert_fires_on_what_the_agent_exports() {
+    const ALERT: &str = "PodIdentityAgentCredentialsExpiring";
+    const GAUGE: &str = "pod_identity_agent_cache_min_credential_lifetime_seconds";
+    let docs = yaml_documents(
+        &read("deploy/monitoring/prometheusrule.yaml"),
+        "prometheusrule.yaml",
+    );
+    let groups = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .map(|d| d["spec"]["groups"].clone())
+        .expect("a PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    // JSON is YAML: promtool reads the operator's groups as a rule file.
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_json::json!({ "groups": groups }).to_string(),
+    )
+    .unwrap();
+    for (lifetime, fires) in [(300, true), (3600, false)] {
+        let bed = TestBed::start().await;
+        bed.upstream
+            .set_credential_lifetime(std::time::Duration::from_secs(lifetime));
+        let token = bed.token(&Pod::new("team-a", "app", "app-0"));
+        assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
+        let text = bed.agent.metrics_text().await;
+        let value = metrics::value(&text, GAUGE).expect("the gauge is exported");
+        assert!(value.is_finite(), "{GAUGE} {value}\n{text}");
+        let labels = r#"job="pod-identity-agent", instance="10.0.0.1:2705", node="node-a""#;
+        let expected = if fires {
+            serde_json::json!([{
+                "labels": format!(
+                    r#"ALERTS{{alertname="{ALERT}", alertstate="firing", {labels}, severity="critical"}}"#
+                ),
+                "value": 1,
+            }])
+        } else {
+            serde_json::json!([])
+        };
+        let test = serde_json::json!({
+            "rule_files": ["rules.yaml"],
+            "evaluation_interval": "1m",
+            "tests": [{
+                "interval": "1m",
+                "input_series": [{
+                    "series": format!("{GAUGE}{{{labels}}}"),
+                    "values": format!("{value}x15"),
+                }],
+                "promql_expr_test": [{
+                    "expr": format!(r#"ALERTS{{alertname="{ALERT}", alertstate="firing"}}"#),
+                    "eval_time": "10m",
+                    "exp_samples": expected,
+                }],
+            }],
+        });
+        std::fs::write(dir.path().join("test.yaml"), test.to_string()).unwrap();
+        let out = Command::new(promtool())
+            .args(["test", "rules", "test.yaml"])
+            .current_dir(dir.path())
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "{lifetime} s credentials ({GAUGE} {value}): the alert should {}fire\n{}{}",
+            if fires { "" } else { "not " },
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

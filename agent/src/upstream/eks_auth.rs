@@ -17,6 +17,8 @@ const POLICY: CodePolicy = CodePolicy {
     service: SERVICE,
     throttling: &["ThrottlingException"],
     transient: &[],
+    association_refusals: &["AccessDeniedException", "ResourceNotFoundException"],
+    token_refusals: &["InvalidTokenException", "ExpiredTokenException"],
 };
 
 pub struct EksAuth {

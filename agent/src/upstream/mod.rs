@@ -228,6 +228,10 @@ struct CodePolicy {
     throttling: &'static [&'static str],
     /// Modeled errors worth one retry (besides 5xx and transport failures).
     transient: &'static [&'static str],
+    /// Codes that refuse the association itself ([`FailureKind::AssociationRefused`]).
+    association_refusals: &'static [&'static str],
+    /// Codes that refuse the token presented ([`FailureKind::TokenRefused`]).
+    token_refusals: &'static [&'static str],
 }
 
 /// Classify an SDK error once, for both the status a pod sees and the cache's decisions.
@@ -247,6 +251,10 @@ where
             let message = e.message().map(bounded).unwrap_or_default();
             let kind = if policy.throttling.contains(&code.as_str()) || status == 429 {
                 FailureKind::Throttled
+            } else if policy.association_refusals.contains(&code.as_str()) {
+                FailureKind::AssociationRefused { status }
+            } else if policy.token_refusals.contains(&code.as_str()) {
+                FailureKind::TokenRefused { status }
             } else if policy.transient.contains(&code.as_str()) {
                 // The upstream's own dependency failed (e.g. STS reaching the IdP): a gateway error.
                 FailureKind::Server { status: 502 }
@@ -406,8 +414,16 @@ impl Credentials {
 pub enum FailureKind {
     /// The upstream throttled us (`ThrottlingException`).
     Throttled,
-    /// The upstream refused this request (4xx other than throttling); `status` is its status.
+    /// The upstream refused this request (4xx other than throttling and the refusals
+    /// below); `status` is its status.
     Rejected { status: u16 },
+    /// The upstream refused the association itself (deleted, or the role is not allowed):
+    /// any token of the key gets the same answer, so cached credentials are dropped and the
+    /// refusal may be remembered for a few seconds.
+    AssociationRefused { status: u16 },
+    /// The upstream refused the token presented (invalid, expired, claims rejected): cached
+    /// credentials are dropped, but the pod's next token may fare better.
+    TokenRefused { status: u16 },
     /// The upstream failed (5xx).
     Server { status: u16 },
     /// No answer within the deadline.
@@ -427,13 +443,38 @@ impl FailureKind {
     pub fn label(&self) -> &'static str {
         match self {
             FailureKind::Throttled => "throttled",
-            FailureKind::Rejected { .. } => "rejected",
+            FailureKind::Rejected { .. }
+            | FailureKind::AssociationRefused { .. }
+            | FailureKind::TokenRefused { .. } => "rejected",
             FailureKind::Server { .. } => "server_error",
             FailureKind::Timeout => "timeout",
             FailureKind::Unreachable => "unreachable",
             FailureKind::InvalidResponse => "invalid_response",
             FailureKind::Busy => "busy",
             FailureKind::Internal => "internal",
+        }
+    }
+
+    /// After this, credentials cached for the key must not be served again: the association
+    /// or the pod's right to it is gone.
+    pub fn is_irrecoverable(&self) -> bool {
+        matches!(
+            self,
+            FailureKind::AssociationRefused { .. } | FailureKind::TokenRefused { .. }
+        )
+    }
+
+    pub fn is_association_refusal(&self) -> bool {
+        matches!(self, FailureKind::AssociationRefused { .. })
+    }
+
+    /// The HTTP status the upstream answered with, for a refusal.
+    pub fn refusal_status(&self) -> Option<u16> {
+        match self {
+            FailureKind::Rejected { status }
+            | FailureKind::AssociationRefused { status }
+            | FailureKind::TokenRefused { status } => Some(*status),
+            _ => None,
         }
     }
 

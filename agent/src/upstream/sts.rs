@@ -22,6 +22,12 @@ const POLICY: CodePolicy = CodePolicy {
     service: SERVICE,
     throttling: &["Throttling", "ThrottlingException"],
     transient: &["IDPCommunicationError"],
+    association_refusals: &["AccessDenied"],
+    token_refusals: &[
+        "InvalidIdentityToken",
+        "IDPRejectedClaim",
+        "ExpiredTokenException",
+    ],
 };
 
 /// Regions whose STS calls go to `sts.amazonaws.com` when `AWS_STS_REGIONAL_ENDPOINTS=legacy`.
@@ -107,11 +113,10 @@ impl Sts {
     }
 
     fn association(&self, identity: &Identity) -> Result<Arc<Association>, UpstreamError> {
-        let refuse = |code: &str, message: String| {
-            UpstreamError::new(FailureKind::Rejected { status: 403 }, code, message)
-        };
+        let refuse = |kind, code: &str, message: String| UpstreamError::new(kind, code, message);
         let Some(claims) = &identity.verified else {
             return Err(refuse(
+                FailureKind::Rejected { status: 403 },
                 "VerificationRequired",
                 "the sts backend serves verified tokens only".into(),
             ));
@@ -121,6 +126,7 @@ impl Sts {
             .get(&claims.namespace, &claims.service_account)
             .ok_or_else(|| {
                 refuse(
+                    FailureKind::AssociationRefused { status: 403 },
                     "NoAssociation",
                     format!(
                         "no role is associated with service account {}/{}",
@@ -131,6 +137,7 @@ impl Sts {
         if let Some(audience) = &association.audience {
             if !claims.audiences.iter().any(|a| a == audience) {
                 return Err(refuse(
+                    FailureKind::TokenRefused { status: 403 },
                     "AudienceNotAccepted",
                     format!("the association requires a token for audience {audience}"),
                 ));
