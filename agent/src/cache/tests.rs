@@ -38,6 +38,10 @@ impl FakeBackend {
     fn fail_with(&self, e: Option<UpstreamError>) {
         *self.fail.lock().unwrap() = e;
     }
+    /// Fail every call from now on with `kind` and `code`.
+    fn fail(&self, kind: FailureKind, code: &str) {
+        self.fail_with(Some(UpstreamError::new(kind, code, code)));
+    }
 }
 
 impl Backend for FakeBackend {
@@ -90,6 +94,11 @@ fn cache(backend: Arc<FakeBackend>, scope: CacheScope) -> Arc<CredentialCache> {
     CredentialCache::new(backend, settings(scope), Metrics::new())
 }
 
+/// A fast backend and a pod-scoped cache with the default settings.
+fn bed() -> (Arc<FakeBackend>, Arc<CredentialCache>) {
+    bed_with(Duration::from_millis(10), 10_000, 3 * HOUR)
+}
+
 /// Fetch, then ask again a minute later: the entry is in use, so it will be refreshed.
 async fn in_use(cache: &Arc<CredentialCache>, id: &Identity) -> Arc<Credentials> {
     let creds = cache.get(id).await.unwrap();
@@ -108,8 +117,7 @@ fn server_error() -> UpstreamError {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_misses_make_one_call() {
-    let backend = FakeBackend::new(Duration::from_millis(200));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed_with(Duration::from_millis(200), 10_000, 3 * HOUR);
     let id = identity("t1", "sa", Some("u1"));
     let tasks: Vec<_> = (0..200)
         .map(|_| {
@@ -130,8 +138,7 @@ async fn concurrent_misses_make_one_call() {
 
 #[tokio::test(start_paused = true)]
 async fn rotated_token_of_same_pod_is_a_hit_and_pods_are_isolated() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let a = cache.get(&identity("old", "sa", Some("u1"))).await.unwrap();
     let b = cache
         .get(&identity("rotated", "sa", Some("u1")))
@@ -163,8 +170,7 @@ async fn association_scope_shares_per_service_account() {
 
 #[tokio::test(start_paused = true)]
 async fn unverified_tokens_key_by_digest() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let mut a = identity("a", "sa", Some("u1"));
     let mut b = identity("b", "sa", Some("u1"));
     a.verified = None;
@@ -177,8 +183,7 @@ async fn unverified_tokens_key_by_digest() {
 
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
-    let backend = FakeBackend::new(Duration::from_secs(1));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed_with(Duration::from_secs(1), 10_000, 3 * HOUR);
     let id = identity("t", "sa", Some("u1"));
     let gave_up = tokio::time::timeout(Duration::from_millis(100), cache.get(&id)).await;
     assert!(gave_up.is_err());
@@ -190,9 +195,8 @@ async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
 
 #[tokio::test(start_paused = true)]
 async fn errors_are_shared_but_not_cached() {
-    let backend = FakeBackend::new(Duration::from_millis(50));
+    let (backend, cache) = bed_with(Duration::from_millis(50), 10_000, 3 * HOUR);
     backend.fail_with(Some(server_error()));
-    let cache = cache(backend.clone(), CacheScope::Pod);
     let id = identity("t", "sa", Some("u1"));
     let (a, b) = tokio::join!(cache.get(&id), cache.get(&id));
     assert!(matches!(a, Err(CacheError::Upstream(_))) && matches!(b, Err(CacheError::Upstream(_))));
@@ -206,8 +210,7 @@ async fn errors_are_shared_but_not_cached() {
 /// left, and after the first miss every fetch happens in the background.
 #[tokio::test(start_paused = true)]
 async fn refreshes_ahead_so_clients_never_get_credentials_inside_the_margin() {
-    let backend = FakeBackend::new(Duration::from_millis(50));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed_with(Duration::from_millis(50), 10_000, 3 * HOUR);
     let id = identity("t", "sa", Some("u1"));
     for _ in 0..(6 * 60) {
         let creds = cache.get(&id).await.unwrap();
@@ -237,8 +240,7 @@ async fn refreshes_ahead_so_clients_never_get_credentials_inside_the_margin() {
 
 #[tokio::test(start_paused = true)]
 async fn jitter_spreads_refreshes_and_never_passes_the_refresh_point() {
-    let backend = FakeBackend::new(Duration::ZERO);
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed_with(Duration::ZERO, 10_000, 3 * HOUR);
     let start = Instant::now();
     let ids: Vec<Identity> = (0..50)
         .map(|i| identity(&format!("t{i}"), "sa", Some(&format!("u{i}"))))
@@ -272,8 +274,7 @@ async fn jitter_spreads_refreshes_and_never_passes_the_refresh_point() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_refreshes_keep_credentials_and_back_off() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let id = identity("t", "sa", Some("u1"));
     let first = in_use(&cache, &id).await;
     backend.fail_with(Some(server_error()));
@@ -305,15 +306,10 @@ async fn failed_refreshes_keep_credentials_and_back_off() {
 
 #[tokio::test(start_paused = true)]
 async fn throttled_refreshes_shrink_the_budget() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let id = identity("t", "sa", Some("u1"));
     in_use(&cache, &id).await;
-    backend.fail_with(Some(UpstreamError::new(
-        FailureKind::Throttled,
-        "ThrottlingException",
-        "slow down",
-    )));
+    backend.fail(FailureKind::Throttled, "ThrottlingException");
     tokio::time::sleep(46 * MINUTE).await;
     assert!(
         cache.metrics.refresh_budget.get() < 3.0,
@@ -361,36 +357,49 @@ async fn refreshes_do_not_pile_up_behind_a_throttled_budget() {
     assert!(cache.metrics.encode().contains("outcome=\"skipped\""));
 }
 
+/// EKS Auth's deleted association, STS's lost role, and a refused token: each drops cached
+/// credentials at the refresh that meets it.
 #[tokio::test(start_paused = true)]
 async fn revocation_on_refresh_drops_the_entry_at_once() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
-    let id = identity("t", "sa", Some("u1"));
-    in_use(&cache, &id).await;
-    backend.fail_with(Some(UpstreamError::new(
-        FailureKind::AssociationRefused { status: 404 },
-        "ResourceNotFoundException",
-        "association deleted",
-    )));
-    tokio::time::sleep(46 * MINUTE).await;
-    assert!(cache.metrics.encode().contains("reason=\"revoked\"} 1"));
-    let calls = backend.calls();
-    assert!(
-        cache.get(&id).await.is_err(),
-        "revoked credentials are not served again"
-    );
-    assert_eq!(backend.calls(), calls + 1);
+    for (kind, code) in [
+        (
+            FailureKind::AssociationRefused { status: 404 },
+            "ResourceNotFoundException",
+        ),
+        (
+            FailureKind::AssociationRefused { status: 403 },
+            "AccessDenied",
+        ),
+        (
+            FailureKind::TokenRefused { status: 400 },
+            "InvalidTokenException",
+        ),
+    ] {
+        let (backend, cache) = bed();
+        let id = identity("t", "sa", Some("u1"));
+        in_use(&cache, &id).await;
+        backend.fail(kind, code);
+        tokio::time::sleep(46 * MINUTE).await;
+        assert!(
+            cache.metrics.encode().contains("reason=\"revoked\"} 1"),
+            "{code}"
+        );
+        let calls = backend.calls();
+        assert!(
+            cache.get(&id).await.is_err(),
+            "{code}: revoked credentials are not served again"
+        );
+        assert_eq!(backend.calls(), calls + 1, "{code}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_association_is_answered_from_the_cache_for_a_while() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
-    backend.fail_with(Some(UpstreamError::new(
+    let (backend, cache) = bed();
+    backend.fail(
         FailureKind::AssociationRefused { status: 404 },
         "ResourceNotFoundException",
-        "no association",
-    )));
+    );
     let id = identity("t", "sa", Some("u1"));
     let other_pod = identity("t2", "sa", Some("u2"));
     for _ in 0..20 {
@@ -419,13 +428,11 @@ async fn a_refused_association_is_answered_from_the_cache_for_a_while() {
 #[tokio::test(start_paused = true)]
 async fn token_refusals_are_not_remembered() {
     // A refused token says nothing about the pod's next token: ask again.
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
-    backend.fail_with(Some(UpstreamError::new(
+    let (backend, cache) = bed();
+    backend.fail(
         FailureKind::TokenRefused { status: 400 },
         "InvalidTokenException",
-        "bad token",
-    )));
+    );
     let id = identity("t", "sa", Some("u1"));
     for _ in 0..3 {
         assert!(cache.get(&id).await.is_err());
@@ -434,28 +441,8 @@ async fn token_refusals_are_not_remembered() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn sts_revocation_on_refresh_drops_the_entry() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
-    let id = identity("t", "sa", Some("u1"));
-    in_use(&cache, &id).await;
-    backend.fail_with(Some(UpstreamError::new(
-        FailureKind::AssociationRefused { status: 403 },
-        "AccessDenied",
-        "not authorized to perform sts:AssumeRoleWithWebIdentity",
-    )));
-    tokio::time::sleep(46 * MINUTE).await;
-    assert!(
-        cache.get(&id).await.is_err(),
-        "credentials of a role the pod lost are not served"
-    );
-    assert!(cache.metrics.encode().contains("reason=\"revoked\"} 1"));
-}
-
-#[tokio::test(start_paused = true)]
 async fn an_expired_newest_token_is_not_used_for_a_refresh() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let mut id = identity("t", "sa", Some("u1"));
     id.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
     in_use(&cache, &id).await;
@@ -588,12 +575,25 @@ fn settings_with(max_entries: u64, max_retention: Duration) -> CacheSettings {
     }
 }
 
+/// A backend answering after `latency`, and a pod-scoped cache with these limits.
+fn bed_with(
+    latency: Duration,
+    max_entries: u64,
+    max_retention: Duration,
+) -> (Arc<FakeBackend>, Arc<CredentialCache>) {
+    let backend = FakeBackend::new(latency);
+    let settings = settings_with(max_entries, max_retention);
+    (
+        backend.clone(),
+        CredentialCache::new(backend, settings, Metrics::new()),
+    )
+}
+
 /// The way SDKs ask: once, then nothing until near expiry. The entry is not refreshed while
 /// nobody asks, but its credentials stay until they are no longer servable.
 #[tokio::test(start_paused = true)]
 async fn idle_entries_keep_their_credentials_without_refreshes() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = cache(backend.clone(), CacheScope::Pod);
+    let (backend, cache) = bed();
     let quiet = identity("q", "sa", Some("quiet"));
     let first = cache.get(&quiet).await.unwrap();
     // Past the refresh point (at most 45 min for 1 h credentials): not refreshed, kept.
@@ -625,12 +625,7 @@ async fn idle_entries_keep_their_credentials_without_refreshes() {
 #[tokio::test(start_paused = true)]
 async fn a_request_after_the_refresh_point_waits_at_most_the_stale_wait() {
     // Hanging upstream: the old credentials after STALE_WAIT.
-    let backend = FakeBackend::new(Duration::from_secs(30));
-    let cache = CredentialCache::new(
-        backend.clone(),
-        settings_with(100, Duration::from_secs(60)),
-        Metrics::new(),
-    );
+    let (_backend, cache) = bed_with(Duration::from_secs(30), 100, Duration::from_secs(60));
     let id = identity("t", "sa", Some("u1"));
     let first = tokio::time::timeout(Duration::from_secs(31), cache.get(&id)).await;
     assert!(first.is_ok(), "the first fetch waits for the slow upstream");
@@ -648,12 +643,7 @@ async fn a_request_after_the_refresh_point_waits_at_most_the_stale_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn a_healthy_upstream_gives_a_dormant_entry_new_credentials() {
-    let backend = FakeBackend::new(Duration::from_millis(50));
-    let cache = CredentialCache::new(
-        backend.clone(),
-        settings_with(100, Duration::from_secs(60)),
-        Metrics::new(),
-    );
+    let (backend, cache) = bed_with(Duration::from_millis(50), 100, Duration::from_secs(60));
     let id = identity("t", "sa", Some("u1"));
     assert_eq!(cache.get(&id).await.unwrap().access_key_id, "ASIA1");
     tokio::time::sleep(5 * MINUTE).await;
@@ -664,12 +654,7 @@ async fn a_healthy_upstream_gives_a_dormant_entry_new_credentials() {
 
 #[tokio::test(start_paused = true)]
 async fn the_size_bound_holds_and_dormant_entries_go_first() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = CredentialCache::new(
-        backend.clone(),
-        settings_with(2, Duration::from_secs(60)),
-        Metrics::new(),
-    );
+    let (backend, cache) = bed_with(Duration::from_millis(10), 2, Duration::from_secs(60));
     let (a, b, c) = (
         identity("a", "sa", Some("a")),
         identity("b", "sa", Some("b")),
@@ -721,12 +706,7 @@ async fn caching_off_calls_every_time_but_still_coalesces() {
 
 #[tokio::test(start_paused = true)]
 async fn stats_keep_dormant_entries_out_of_the_alerting_gauges() {
-    let backend = FakeBackend::new(Duration::from_millis(10));
-    let cache = CredentialCache::new(
-        backend.clone(),
-        settings_with(100, Duration::from_secs(60)),
-        Metrics::new(),
-    );
+    let (_backend, cache) = bed_with(Duration::from_millis(10), 100, Duration::from_secs(60));
     let busy = identity("b", "sa", Some("busy"));
     cache
         .get(&identity("q", "sa", Some("quiet")))
