@@ -44,6 +44,10 @@ TABLE = {
     "unknown-kid-pacing": ("security", "unknown_kid_floods_cause_at_most_one_jwks_refetch_per_interval"),
     "association-admission": ("sts", "associations_file_reloads_keep_the_last_good_set"),
     "refusal-cache": ("credentials", "a_pod_without_an_association_does_not_cost_an_upstream_call_per_request"),
+    "generic-upstream-messages": ("abuse", "upstream_error_details_stay_in_the_log"),
+    "refusal-log-limit": ("abuse", "a_flood_of_refused_requests_does_not_flood_the_log"),
+    "secure-key-source": ("security", "keys_come_only_over_https_or_from_loopback"),
+    "issuer-required": ("cli", "bad_flags_exit_64_naming_the_flag"),
 }
 
 

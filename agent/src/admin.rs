@@ -76,6 +76,12 @@ pub async fn handle(
             // The whole-cache gauges (entries by state, shortest lifetime in use) are read
             // at scrape time, so alerts see the cache as it is now.
             state.cache.observe();
+            if let Some(keys) = &state.readiness.keys {
+                state
+                    .metrics
+                    .key_set_age
+                    .set(keys.age().map_or(f64::NAN, |a| a.as_secs_f64()));
+            }
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use hyper::Uri;
 
+use crate::defence::{self, Defence};
+
 /// Audience the EKS Pod Identity webhook projects into pod tokens.
 pub const DEFAULT_AUDIENCE: &str = "pods.eks.amazonaws.com";
 /// The link-local addresses every SDK allow-lists for plain-HTTP container credentials.
@@ -278,6 +280,10 @@ pub struct ServerArgs {
     /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
     #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
     pub rotate_credentials: bool,
+    /// Accept verification keys over plain http from addresses other than loopback (a key
+    /// injected on the way forges any pod's identity). Logged at start and exported.
+    #[arg(long, env = "POD_IDENTITY_AGENT_ALLOW_INSECURE_KEY_SOURCE")]
+    pub allow_insecure_key_source: bool,
     /// How often --rotate-credentials re-reads the shared credentials file.
     #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
     pub rotate_credentials_interval: Duration,
@@ -422,6 +428,8 @@ pub struct Config {
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
     /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
     pub rotate_credentials: Option<Duration>,
+    /// Keys may come over plain http from anywhere, not only from loopback.
+    pub allow_insecure_key_source: bool,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -562,6 +570,19 @@ impl ServerArgs {
             }
             None => None,
         };
+        let secure = |flag: &'static str, uri: Uri| -> Result<Uri, ConfigError> {
+            if uri.scheme_str() == Some("http")
+                && !is_loopback_host(uri.host().unwrap_or_default())
+                && !self.allow_insecure_key_source
+                && defence::on(Defence::SecureKeySource)
+            {
+                return Err(bad(
+                    flag,
+                    "plain http is accepted only for loopback addresses (a key injected on the way would forge any pod's identity); use https, or --allow-insecure-key-source",
+                ));
+            }
+            Ok(uri)
+        };
         let key_source = match (&self.jwks_file, &self.jwks_url) {
             (Some(_), Some(_)) => {
                 return Err(bad(
@@ -570,12 +591,27 @@ impl ServerArgs {
                 ))
             }
             (Some(path), None) => Some(KeySource::File(path.clone())),
-            (None, Some(url)) => Some(KeySource::Url(parse_http_url("jwks-url", url)?)),
+            (None, Some(url)) => Some(KeySource::Url(secure(
+                "jwks-url",
+                parse_http_url("jwks-url", url)?,
+            )?)),
             (None, None) => match &issuer {
-                Some(iss) => Some(KeySource::Discovery(parse_http_url("issuer", iss)?)),
+                Some(iss) => Some(KeySource::Discovery(secure(
+                    "issuer",
+                    parse_http_url("issuer", iss)?,
+                )?)),
                 None => InCluster::detect().map(KeySource::InCluster),
             },
         };
+        if matches!(key_source, Some(KeySource::File(_) | KeySource::Url(_)))
+            && issuer.is_none()
+            && defence::on(Defence::IssuerRequired)
+        {
+            return Err(bad(
+                "issuer",
+                "required with --jwks-file and --jwks-url, or a token's iss is not checked at all; give the cluster's service-account issuer (the issuer field of `kubectl get --raw /.well-known/openid-configuration`)",
+            ));
+        }
         let audiences: Vec<String> = self
             .audience
             .iter()
@@ -659,6 +695,7 @@ impl ServerArgs {
             rotate_credentials: self
                 .rotate_credentials
                 .then_some(self.rotate_credentials_interval),
+            allow_insecure_key_source: self.allow_insecure_key_source,
         })
     }
 }
@@ -692,6 +729,13 @@ pub fn parse_bind_host(host: &str) -> Option<IpAddr> {
         return inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
     }
     host.parse::<IpAddr>().ok()
+}
+
+/// A host that can only be this machine: `localhost` or a loopback address literal.
+pub fn is_loopback_host(host: &str) -> bool {
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || literal.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_http_url(flag: &'static str, value: &str) -> Result<Uri, ConfigError> {
@@ -731,6 +775,7 @@ impl Default for Config {
             limits: RequestLimits::default(),
             static_upstream_credentials: None,
             rotate_credentials: None,
+            allow_insecure_key_source: false,
         }
     }
 }
@@ -872,6 +917,8 @@ mod tests {
             "/a.yaml",
             "--jwks-file",
             "/k.json",
+            "--issuer",
+            "https://i",
         ])
         .unwrap();
         assert_eq!(cfg.backend, BackendKind::Sts);

@@ -46,6 +46,10 @@ defences! {
     UnknownKidPacing => "unknown-kid-pacing",
     AssociationAdmission => "association-admission",
     RefusalCache => "refusal-cache",
+    GenericUpstreamMessages => "generic-upstream-messages",
+    RefusalLogLimit => "refusal-log-limit",
+    SecureKeySource => "secure-key-source",
+    IssuerRequired => "issuer-required",
 }
 
 impl Defence {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::cache::{CacheError, CredentialCache};
 use crate::defence::{self, Defence};
-use crate::limits::{Limited, RequestLimiter};
+use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
 use crate::metrics::Metrics;
 use crate::token::{TokenError, Verifier};
 use crate::upstream::{Credentials, FailureKind};
@@ -45,6 +45,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub hosts: HostAllowList,
     pub limiter: RequestLimiter,
+    /// Refusal log lines, limited per reason.
+    pub refusal_logs: LogLimiter,
 }
 
 /// Addresses the agent is bound to, as the Host header may name them.
@@ -287,10 +289,21 @@ pub async fn handle(
                 }
                 _ => {}
             }
-            if status.is_server_error() {
-                tracing::warn!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request failed");
+            let decision = if defence::on(Defence::RefusalLogLimit) {
+                state.refusal_logs.check(&code, started)
             } else {
-                tracing::info!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request refused");
+                LogDecision::Log { suppressed: 0 }
+            };
+            if let LogDecision::Log { suppressed } = decision {
+                if suppressed > 0 {
+                    tracing::warn!(code = %code, suppressed, interval_s = state.refusal_logs.interval().as_secs(),
+                        "refused requests not logged in the last interval (counted in the metrics)");
+                }
+                if status.is_server_error() {
+                    tracing::warn!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request failed");
+                } else {
+                    tracing::info!(peer = %peer.ip(), status = status.as_u16(), code = %code, error = %err, "request refused");
+                }
             }
             err.into_response()
         }

@@ -171,10 +171,24 @@ pub struct KeyStore {
     /// Bumped on every key set installed, so results verified against an older set expire.
     generation: AtomicU64,
     discovered_issuer: RwLock<Option<String>>,
+    /// When the keys were last fetched, or (a file) confirmed unchanged.
+    confirmed_at: std::sync::Mutex<Option<Instant>>,
+    /// A discovery document may point at plain http beyond loopback.
+    allow_insecure: bool,
 }
 
 impl KeyStore {
     pub fn new(source: KeySource, metrics: Metrics) -> Result<Arc<KeyStore>, KeysError> {
+        Self::with_policy(source, metrics, false)
+    }
+
+    /// [`KeyStore::new`], saying whether a discovered `jwks_uri` may be plain http beyond
+    /// loopback (`--allow-insecure-key-source`).
+    pub fn with_policy(
+        source: KeySource,
+        metrics: Metrics,
+        allow_insecure: bool,
+    ) -> Result<Arc<KeyStore>, KeysError> {
         let http = match &source {
             KeySource::File(_) => None,
             KeySource::Url(_) | KeySource::Discovery(_) => Some(HttpFetcher::new()?),
@@ -190,7 +204,23 @@ impl KeyStore {
             loaded_tx,
             generation: AtomicU64::new(0),
             discovered_issuer: RwLock::new(None),
+            confirmed_at: std::sync::Mutex::new(None),
+            allow_insecure,
         }))
+    }
+
+    /// Time since the keys were last fetched or confirmed from their source.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        self.confirmed_at
+            .lock()
+            .ok()
+            .and_then(|t| t.map(|t| t.elapsed()))
+    }
+
+    fn confirm(&self) {
+        if let Ok(mut t) = self.confirmed_at.lock() {
+            *t = Some(Instant::now());
+        }
     }
 
     /// A store that already holds `set` and never reloads (tests, and the demo's own key).
@@ -205,6 +235,8 @@ impl KeyStore {
             loaded_tx,
             generation: AtomicU64::new(1),
             discovered_issuer: RwLock::new(None),
+            confirmed_at: std::sync::Mutex::new(Some(Instant::now())),
+            allow_insecure: false,
         })
     }
 
@@ -279,6 +311,7 @@ impl KeyStore {
                 self.loaded_tx.send_replace(true);
                 self.metrics.key_reload("success", reason);
                 self.metrics.keys_loaded.set(n as i64);
+                self.confirm();
                 tracing::info!(source = %self.describe(), keys = n, reason, "verification keys loaded");
                 Ok(n)
             }
@@ -358,7 +391,18 @@ impl KeyStore {
             .parse()
             .map_err(|e| KeysError::Fetch(url.clone(), format!("{e}")))?;
         let doc = http.get(&uri).await?;
-        jwks_uri_from_discovery(&doc)
+        let jwks_uri = jwks_uri_from_discovery(&doc)?;
+        if jwks_uri.scheme_str() == Some("http")
+            && !crate::config::is_loopback_host(jwks_uri.host().unwrap_or_default())
+            && !self.allow_insecure
+            && defence::on(Defence::SecureKeySource)
+        {
+            return Err(KeysError::Invalid(format!(
+                "the discovery document's jwks_uri {jwks_uri} is plain http beyond loopback; \
+                 refused (--allow-insecure-key-source accepts it)"
+            )));
+        }
+        Ok(jwks_uri)
     }
 
     /// Keep the key set fresh until `shutdown` fires.
@@ -383,6 +427,9 @@ impl KeyStore {
                         // Only remember the stamp of a file we managed to use, so a broken
                         // edit is retried until it is fixed.
                         file_stamp = if ok { stamp } else { None };
+                    } else {
+                        // Unchanged and readable: the keys in hand are the file's.
+                        self.confirm();
                     }
                     FILE_POLL_INTERVAL
                 }

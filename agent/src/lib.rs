@@ -39,7 +39,7 @@ use crate::cache::{CacheSettings, CredentialCache};
 use crate::config::{BackendKind, Config, ConfigError};
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
-use crate::limits::RequestLimiter;
+use crate::limits::{LogLimiter, RequestLimiter};
 use crate::metrics::Metrics;
 use crate::token::Verifier;
 use crate::upstream::eks_auth::EksAuth;
@@ -154,8 +154,12 @@ impl Startup {
     fn key_store(&self, config: &Config) -> Result<Option<Arc<KeyStore>>, StartError> {
         let keys = match &config.key_source {
             Some(source) => {
-                let store = KeyStore::new(source.clone(), self.metrics.clone())
-                    .map_err(|e| ConfigError::new("jwks-url", e.to_string()))?;
+                let store = KeyStore::with_policy(
+                    source.clone(),
+                    self.metrics.clone(),
+                    config.allow_insecure_key_source,
+                )
+                .map_err(|e| ConfigError::new("jwks-url", e.to_string()))?;
                 tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
                 Some(store)
             }
@@ -170,6 +174,13 @@ impl Startup {
         self.metrics
             .verification_enabled
             .set(i64::from(keys.is_some()));
+        if config.allow_insecure_key_source {
+            tracing::warn!(
+                "--allow-insecure-key-source: verification keys may come over plain http from beyond loopback; \
+                 anyone on that path can forge any pod's identity"
+            );
+            self.metrics.insecure_key_source.set(1);
+        }
         Ok(keys)
     }
 
@@ -244,6 +255,7 @@ impl Startup {
                 config.limits.global_rate,
                 config.limits.global_burst,
             ),
+            refusal_logs: LogLimiter::default(),
         });
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");

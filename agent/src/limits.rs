@@ -92,6 +92,79 @@ impl Limited {
     }
 }
 
+/// Refusal log lines are rate limited per reason: one pod sending garbage must not push real
+/// events out of the kubelet's rotated logs or spend the container's CPU on stderr. The first
+/// few refusals of each reason in an interval are logged; the rest are counted and reported
+/// in one summary line with the next refusal of that reason after the interval. The metrics
+/// keep the exact counts.
+pub struct LogLimiter {
+    windows: Mutex<HashMap<String, LogWindow>>,
+}
+
+/// Refusals of one reason logged per interval before the rest are only counted.
+const LOGGED_PER_INTERVAL: u32 = 5;
+const LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Reasons tracked at once (error codes are a bounded set; a hostile upstream's made-up codes
+/// share the last slot).
+const MAX_LOG_REASONS: usize = 64;
+const OTHER_REASON: &str = "other";
+
+struct LogWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// What to do with one refusal's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogDecision {
+    /// Log it; `suppressed` refusals of the same reason went unlogged in the interval before.
+    Log { suppressed: u64 },
+    /// Count it only.
+    Suppress,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter {
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl LogLimiter {
+    pub fn check(&self, reason: &str, now: Instant) -> LogDecision {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if windows.contains_key(reason) || windows.len() < MAX_LOG_REASONS - 1 {
+            reason
+        } else {
+            OTHER_REASON
+        };
+        let window = windows.entry(key.to_owned()).or_insert(LogWindow {
+            started: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        let mut suppressed = 0;
+        if now.saturating_duration_since(window.started) >= LOG_INTERVAL {
+            suppressed = std::mem::take(&mut window.suppressed);
+            window.started = now;
+            window.logged = 0;
+        }
+        if window.logged < LOGGED_PER_INTERVAL {
+            window.logged += 1;
+            LogDecision::Log { suppressed }
+        } else {
+            window.suppressed += 1;
+            LogDecision::Suppress
+        }
+    }
+
+    pub fn interval(&self) -> Duration {
+        LOG_INTERVAL
+    }
+}
+
 /// Limits for the credentials port: one bucket per client IP, one for everyone. A rate of
 /// zero turns that limit off.
 pub struct RequestLimiter {
@@ -340,5 +413,28 @@ mod tests {
         }
         // Two at once (the burst), then one every 500 ms.
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn refusal_logs_are_limited_per_reason_and_summed_up() {
+        let logs = LogLimiter::default();
+        let t = Instant::now();
+        let logged = (0..100)
+            .filter(|_| logs.check("NotFound", t) != LogDecision::Suppress)
+            .count();
+        assert_eq!(logged, LOGGED_PER_INTERVAL as usize);
+        assert_eq!(
+            logs.check("MethodNotAllowed", t),
+            LogDecision::Log { suppressed: 0 },
+            "reasons are counted apart"
+        );
+        assert_eq!(
+            logs.check("NotFound", t + LOG_INTERVAL),
+            LogDecision::Log { suppressed: 95 }
+        );
+        for i in 0..200 {
+            logs.check(&format!("Made-up-{i}"), t);
+        }
+        assert!(logs.windows.lock().unwrap().len() <= MAX_LOG_REASONS);
     }
 }

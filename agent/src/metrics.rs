@@ -53,6 +53,8 @@ pub struct Metrics {
     key_reloads: Family<Labels2, Counter>,
     pub keys_loaded: Gauge,
     pub verification_enabled: Gauge,
+    pub key_set_age: Gauge<f64, AtomicU64>,
+    pub insecure_key_source: Gauge,
 }
 
 impl Default for Metrics {
@@ -211,6 +213,19 @@ impl Metrics {
             "1 when pod tokens are verified locally, 0 when they go upstream unverified",
             verification_enabled.clone(),
         );
+        let key_set_age = Gauge::<f64, AtomicU64>::default();
+        key_set_age.set(f64::NAN);
+        registry.register(
+            "key_set_age_seconds",
+            "Seconds since the verification keys were last fetched or confirmed from their source (NaN before the first)",
+            key_set_age.clone(),
+        );
+        let insecure_key_source = Gauge::default();
+        registry.register(
+            "insecure_key_source",
+            "1 when --allow-insecure-key-source lets keys come over plain http from beyond loopback",
+            insecure_key_source.clone(),
+        );
         let build_info = Family::<Labels1, Gauge>::default();
         registry.register("build_info", "Agent version", build_info.clone());
         build_info
@@ -242,6 +257,8 @@ impl Metrics {
             key_reloads,
             keys_loaded,
             verification_enabled,
+            key_set_age,
+            insecure_key_source,
         }
     }
 

@@ -110,6 +110,28 @@ fn assert_fresh(bin: &std::path::Path) {
     }
 }
 
+/// What an agent started by a test inherits from the test's environment; the rest is cleared.
+/// POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against a
+/// defence-switches build with one defence off (agent/src/defence.rs).
+const PASSED_THROUGH: [&str; 3] = ["PATH", "RUST_LOG", "POD_IDENTITY_AGENT_DISABLE_DEFENCE"];
+
+fn pass_through_env(cmd: &mut Command) {
+    for var in PASSED_THROUGH {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+}
+
+/// The agent binary as a plain command with a cleared environment (what [`PASSED_THROUGH`]
+/// names aside), for tests that give it arguments the harness would not.
+pub fn agent_command() -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.env_clear().env("AWS_EC2_METADATA_DISABLED", "true");
+    pass_through_env(&mut cmd);
+    cmd
+}
+
 /// A binary built into the same `target/<profile>/` as the running test
 /// (whose own executable is `target/<profile>/deps/<name>-<hash>`).
 pub fn target_binary(name: &str) -> PathBuf {
@@ -346,6 +368,12 @@ impl AgentBuilder {
             .map(OsString::from),
         );
         args.extend(self.backend.args());
+        // The agent refuses a JWKS flag without --issuer; the test keys' tokens carry
+        // DEFAULT_ISSUER, so a bed that names keys but no issuer gets that one.
+        let given = |flag: &str| self.options.args.iter().any(|a| a == flag);
+        if (given("--jwks-file") || given("--jwks-url")) && !given("--issuer") {
+            args.extend(["--issuer".into(), crate::keys::DEFAULT_ISSUER.into()]);
+        }
         args.extend(self.options.args.iter().cloned());
         args
     }
@@ -365,13 +393,7 @@ impl AgentBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against
-        // a defence-switches build with one defence off (agent/src/defence.rs).
-        for var in ["PATH", "RUST_LOG", "POD_IDENTITY_AGENT_DISABLE_DEFENCE"] {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
+        pass_through_env(&mut cmd);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }

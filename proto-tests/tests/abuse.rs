@@ -406,3 +406,106 @@ async fn hostile_upstream_answers_never_reach_the_pod() {
     bed.upstream.set_fault(Fault::Ok);
     assert_still_serves(&bed).await;
 }
+
+/// What the upstream or the connection says (internal host names, addresses, TLS details)
+/// reaches the agent's log, never the pod: the pod gets a fixed text per error code.
+#[tokio::test]
+async fn upstream_error_details_stay_in_the_log() {
+    const INTERNAL: &str = "ip-10-1-2-3.ec2.internal:8443";
+    let bed = TestBed::start().await;
+    bed.upstream.set_fault(Fault::error(
+        500,
+        "InternalServerException",
+        &format!("backend {INTERNAL} failed"),
+    ));
+    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    assert_eq!(response.status, 502, "{response:?}");
+    assert_eq!(
+        response.json_str("code").as_deref(),
+        Some("InternalServerException")
+    );
+    let message = response.json_str("message").expect("a message");
+    assert!(!message.contains(INTERNAL), "{message}");
+    assert_eq!(message, "the upstream failed to issue credentials");
+
+    // Nothing listens on the endpoint: the connection error names it, the pod never sees it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unreachable = proto_tests::AgentBuilder::new(format!("http://127.0.0.1:{port}"))
+        .arg("--jwks-file")
+        .arg(bed.jwks_path())
+        .start()
+        .await;
+    let response = unreachable.fetch_credentials(&bed.token(&pod())).await;
+    assert_eq!(response.status, 503, "{response:?}");
+    let message = response.json_str("message").expect("a message");
+    assert!(
+        !message.contains(&port.to_string()) && !message.contains("127.0.0.1"),
+        "{message}"
+    );
+    assert_eq!(message, "the upstream could not be reached");
+    let deadline = Instant::now() + WAIT;
+    for (agent, needle) in [
+        (&bed.agent, INTERNAL.to_owned()),
+        (&unreachable, port.to_string()),
+    ] {
+        while !agent.logs_text().contains(&needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the details ({needle}) are not in the log\n{}",
+                agent.logs_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Ten seconds of pipelined requests for a route that does not exist: answered (404s, before
+/// any rate limit), counted in the metrics, and logged a handful of times, not once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_does_not_flood_the_log() {
+    const FLOOD: Duration = Duration::from_secs(10);
+    let bed = TestBed::start().await;
+    let lines_before = bed.agent.log_records().len();
+    let addr = bed.agent.credentials_addr();
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        while let Ok(Ok(n)) = timeout(WAIT, reader.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let batch = format!("GET /nope HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(50);
+    let started = Instant::now();
+    while started.elapsed() < FLOOD {
+        writer.write_all(batch.as_bytes()).await.expect("write");
+    }
+    drop(writer);
+    let read = drain.await.unwrap();
+    assert!(read > 0, "no answers");
+    let text = bed.agent.metrics_text().await;
+    let refused = metrics::sum_where(
+        &text,
+        "pod_identity_agent_requests_total",
+        &[("route", "other")],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        refused >= 1000.0,
+        "only {refused} requests answered\n{text}"
+    );
+    let lines = bed.agent.log_records().len() - lines_before;
+    assert!(
+        lines <= 40,
+        "{lines} log lines for {refused} refused requests\n{}",
+        bed.agent.logs_text()
+    );
+    assert_still_serves(&bed).await;
+}

@@ -2,13 +2,11 @@
 
 use std::process::Command;
 
-use proto_tests::agent::agent_binary;
+use proto_tests::agent::{agent_binary, agent_command};
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(agent_binary())
+    let out = agent_command()
         .args(args)
-        .env_clear()
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .output()
         .expect("run the agent binary");
     (
@@ -67,6 +65,20 @@ fn bad_flags_exit_64_naming_the_flag() {
             "--log-level",
         ),
         (&["--cluster-name", "c", "--no-such-flag"], "--no-such-flag"),
+        // Keys without an issuer would let a token of any issuer through.
+        (
+            &["--cluster-name", "c", "--jwks-file", "/k.json"],
+            "--issuer",
+        ),
+        (
+            &[
+                "--cluster-name",
+                "c",
+                "--jwks-url",
+                "https://keys.example/jwks",
+            ],
+            "--issuer",
+        ),
         (&["--cluster-name", "c", "-v", "loud"], "--verbosity"),
         (
             &["--cluster-name", "c", "--max-cache-size", "lots"],

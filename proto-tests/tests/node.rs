@@ -187,6 +187,7 @@ fn ns_agent(jwks: &std::path::Path, endpoint: &str) -> Child {
         ])
         .arg("--jwks-file")
         .arg(jwks)
+        .args(["--issuer", proto_tests::keys::DEFAULT_ISSUER])
         .env_clear()
         .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
         .env("AWS_SECRET_ACCESS_KEY", "secret")

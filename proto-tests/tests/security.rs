@@ -531,3 +531,86 @@ async fn jwks_file_is_reread_on_change() {
     let response = accepted_eventually(&agent, &token).await;
     assert_credentials(&response, &only_issued(&upstream));
 }
+
+/// An address of this machine that is not loopback: the source the kernel would use towards
+/// a private network (a UDP "connect" sends nothing). Traffic to it stays on this machine.
+fn own_non_loopback_ip() -> std::net::IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    socket
+        .connect("10.255.255.1:9")
+        .expect("a route to a private network");
+    let ip = socket.local_addr().expect("local address").ip();
+    assert!(!ip.is_loopback(), "{ip}");
+    ip
+}
+
+/// Keys decide every pod's identity, so they come only over https or from this machine:
+/// plain http beyond loopback is refused as a flag (exit 64, naming it) and as a discovery
+/// document's `jwks_uri` (keys never load; no token is accepted; nothing goes upstream).
+#[tokio::test]
+async fn keys_come_only_over_https_or_from_loopback() {
+    let own = own_non_loopback_ip();
+    let upstream = FakeEksAuth::start().await;
+    for (args, flag) in [
+        (
+            vec![
+                "--jwks-url".to_owned(),
+                format!("http://{own}:1/jwks"),
+                "--issuer".to_owned(),
+                DEFAULT_ISSUER.to_owned(),
+            ],
+            "--jwks-url",
+        ),
+        (
+            vec!["--issuer".to_owned(), format!("http://{own}:1")],
+            "--issuer",
+        ),
+    ] {
+        let exited = Agent::builder(upstream.url())
+            .args(&args)
+            .run_to_exit(Duration::from_secs(10))
+            .await;
+        assert_eq!(exited.code, Some(64), "{args:?}: {exited:?}");
+        let lines = exited.stderr_lines();
+        assert!(
+            lines.len() == 1 && lines[0].contains(flag) && lines[0].contains("http"),
+            "{args:?}: {lines:?}"
+        );
+    }
+
+    let keys = TestKeys::shared();
+    let issuer = FakeJwks::start(jwks(&[&keys.rsa])).await;
+    issuer.set_jwks_uri(format!("http://{own}:1/jwks"));
+    let agent = Agent::builder(upstream.url())
+        .args(["--issuer", &issuer.issuer()])
+        .wait_ready(false)
+        .start()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.logs_text().contains("plain http beyond loopback") {
+        assert!(
+            Instant::now() < deadline,
+            "the insecure jwks_uri was not refused\n{}",
+            agent.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.probe("/readyz").await.status, 503);
+    let token = pod().token().issuer(issuer.issuer()).sign(&keys.rsa);
+    let response = agent.fetch_credentials(&token).await;
+    assert_eq!(response.status, 503, "{response:?}");
+    assert_eq!(upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn the_key_set_age_is_exported() {
+    let bed = TestBed::start().await;
+    let text = bed.agent.metrics_text().await;
+    let age = proto_tests::metrics::value(&text, "pod_identity_agent_key_set_age_seconds")
+        .expect("exported");
+    assert!((0.0..60.0).contains(&age), "{age}\n{text}");
+    assert_eq!(
+        proto_tests::metrics::value(&text, "pod_identity_agent_insecure_key_source"),
+        Some(0.0)
+    );
+}

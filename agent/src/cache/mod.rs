@@ -414,7 +414,7 @@ impl CredentialCache {
                 let first = !self.revocations_logged.contains_key(&key);
                 if first {
                     self.revocations_logged.insert(key.clone(), ()).await;
-                    tracing::warn!(key = %key.describe(), origin = origin_label, code = %e.code, upstream_message = %e.message,
+                    tracing::warn!(key = %key.describe(), origin = origin_label, code = %e.code, upstream_message = %e.log_text(),
                         "upstream refused credentials for this key; dropping its cached credentials");
                 } else {
                     tracing::debug!(key = %key.describe(), code = %e.code, "upstream refused credentials again");
@@ -422,7 +422,7 @@ impl CredentialCache {
             }
             Err(e) => {
                 tracing::warn!(key = %key.describe(), origin = origin_label, code = %e.code, kind = e.kind.label(),
-                upstream_message = %e.message, elapsed_ms = elapsed.as_millis() as u64, "upstream call failed")
+                upstream_message = %e.log_text(), elapsed_ms = elapsed.as_millis() as u64, "upstream call failed")
             }
         }
         self.complete(key, slot, result.map(Arc::new), tx, origin);

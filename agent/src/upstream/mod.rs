@@ -265,7 +265,7 @@ where
             } else {
                 FailureKind::InvalidResponse
             };
-            UpstreamError::new(kind, code, message)
+            UpstreamError::from_upstream(kind, code, message)
         }
         SdkError::TimeoutError(_) => UpstreamError::new(
             FailureKind::Timeout,
@@ -277,12 +277,14 @@ where
             "UpstreamTimeout",
             format!("{service} did not answer in time"),
         ),
-        SdkError::DispatchFailure(d) if d.is_user() || d.is_other() => UpstreamError::new(
-            FailureKind::Internal,
-            "UpstreamRequestFailed",
-            bounded(&DisplayErrorContext(&err).to_string()),
-        ),
-        SdkError::DispatchFailure(_) => UpstreamError::new(
+        SdkError::DispatchFailure(d) if d.is_user() || d.is_other() => {
+            UpstreamError::from_upstream(
+                FailureKind::Internal,
+                "UpstreamRequestFailed",
+                bounded(&DisplayErrorContext(&err).to_string()),
+            )
+        }
+        SdkError::DispatchFailure(_) => UpstreamError::from_upstream(
             FailureKind::Unreachable,
             "UpstreamUnreachable",
             format!(
@@ -295,7 +297,7 @@ where
             "InvalidUpstreamResponse",
             format!("{service} sent a response that could not be read"),
         ),
-        _ => UpstreamError::new(
+        _ => UpstreamError::from_upstream(
             FailureKind::Internal,
             "UpstreamRequestFailed",
             bounded(&DisplayErrorContext(&err).to_string()),
@@ -478,6 +480,24 @@ impl FailureKind {
         }
     }
 
+    /// The fixed text a pod is told for an upstream failure of this kind.
+    pub fn pod_message(&self) -> &'static str {
+        match self {
+            FailureKind::Throttled => "the upstream is throttling credential requests; retry shortly",
+            FailureKind::Rejected { .. } => "the upstream refused the credential request",
+            FailureKind::AssociationRefused { .. } => {
+                "the upstream refused this service account's association (none exists, or its role does not allow it)"
+            }
+            FailureKind::TokenRefused { .. } => "the upstream refused the pod's token",
+            FailureKind::Server { .. } => "the upstream failed to issue credentials",
+            FailureKind::Timeout => "the upstream did not answer in time",
+            FailureKind::Unreachable => "the upstream could not be reached",
+            FailureKind::InvalidResponse => "the upstream sent a response that could not be used",
+            FailureKind::Busy => "too many credential fetches in flight; retry shortly",
+            FailureKind::Internal => "the credential request could not be made",
+        }
+    }
+
     /// Worth another attempt within the same request.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -488,22 +508,48 @@ impl FailureKind {
 }
 
 /// A failed upstream call. `code` is the upstream's error code when it sent one (bounded to
-/// what its model defines, or a generic name), `message` is safe to show to the pod.
+/// what its model defines, or a generic name), `message` is safe to show to the pod, and
+/// `detail` is what the upstream or the connection said, for the agent's log only.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct UpstreamError {
     pub kind: FailureKind,
     pub code: String,
     pub message: String,
+    pub detail: Option<String>,
 }
 
 impl UpstreamError {
+    /// An error in the agent's own words.
     pub fn new(kind: FailureKind, code: impl Into<String>, message: impl Into<String>) -> Self {
         UpstreamError {
             kind,
             code: code.into(),
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// An error whose text came from outside the agent (the upstream's message, a TLS or
+    /// connection error naming internal endpoints): the pod is told a fixed text for its kind,
+    /// the text itself goes to the log.
+    pub fn from_upstream(kind: FailureKind, code: impl Into<String>, detail: String) -> Self {
+        let message = if defence::on(Defence::GenericUpstreamMessages) {
+            kind.pod_message().to_owned()
+        } else {
+            detail.clone()
+        };
+        UpstreamError {
+            kind,
+            code: code.into(),
+            message,
+            detail: Some(detail),
+        }
+    }
+
+    /// What to log: the upstream's own text when there is one.
+    pub fn log_text(&self) -> &str {
+        self.detail.as_deref().unwrap_or(&self.message)
     }
 }
 

@@ -365,6 +365,7 @@ impl Lab {
             .args(["--endpoint", &endpoint, "--region", "us-west-2"])
             .arg("--jwks-file")
             .arg(&self.jwks)
+            .args(["--issuer", benches::pods::ISSUER])
             .args(["--caller-rate-limit", "0", "--global-rate-limit", "0"])
             .args(["--log-format", "json", "--log-level", "warn"])
             .args(extra);

@@ -248,6 +248,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         .args(["--region", "us-west-2"])
         .arg("--jwks-file")
         .arg(&jwks)
+        .args(["--issuer", benches::pods::ISSUER])
         .args(["--caller-rate-limit", "0", "--global-rate-limit", "0"])
         .args(["--log-format", "json", "--log-level", "warn"]);
     process::isolate_agent(&mut cmd);

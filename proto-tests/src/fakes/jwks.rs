@@ -19,6 +19,8 @@ pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
 struct Shared {
     jwks: Mutex<Value>,
+    /// What the discovery document names as `jwks_uri`, instead of this server's own.
+    jwks_uri: Mutex<Option<String>>,
     jwks_fetches: AtomicU64,
     discovery_fetches: AtomicU64,
 }
@@ -36,6 +38,7 @@ impl FakeJwks {
     pub async fn start(jwks: Value) -> Self {
         let shared = Arc::new(Shared {
             jwks: Mutex::new(jwks),
+            jwks_uri: Mutex::new(None),
             jwks_fetches: AtomicU64::new(0),
             discovery_fetches: AtomicU64::new(0),
         });
@@ -71,6 +74,15 @@ impl FakeJwks {
     /// Replace the served document (key rotation).
     pub fn set_jwks(&self, jwks: Value) {
         *self.shared.jwks.lock().unwrap_or_else(|e| e.into_inner()) = jwks;
+    }
+
+    /// Make the discovery document point somewhere else.
+    pub fn set_jwks_uri(&self, uri: impl Into<String>) {
+        *self
+            .shared
+            .jwks_uri
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(uri.into());
     }
 
     pub fn jwks_fetches(&self) -> u64 {
@@ -110,7 +122,12 @@ fn handle(
                 200,
                 &json!({
                     "issuer": base_url(addr),
-                    "jwks_uri": format!("{}{JWKS_PATH}", base_url(addr)),
+                    "jwks_uri": shared
+                        .jwks_uri
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone()
+                        .unwrap_or_else(|| format!("{}{JWKS_PATH}", base_url(addr))),
                     "response_types_supported": ["id_token"],
                     "subject_types_supported": ["public"],
                     "id_token_signing_alg_values_supported": ["RS256", "ES256"],
