@@ -48,6 +48,8 @@ TABLE = {
     "refusal-log-limit": ("abuse", "a_flood_of_refused_requests_does_not_flood_the_log"),
     "secure-key-source": ("security", "keys_come_only_over_https_or_from_loopback"),
     "issuer-required": ("cli", "bad_flags_exit_64_naming_the_flag"),
+    "role-in-cache-key": ("sts", "a_changed_role_takes_effect_at_the_next_request"),
+    "sts-role-name-check": ("sts", "an_answer_for_another_role_is_refused"),
 }
 
 

@@ -50,6 +50,8 @@ defences! {
     RefusalLogLimit => "refusal-log-limit",
     SecureKeySource => "secure-key-source",
     IssuerRequired => "issuer-required",
+    RoleInCacheKey => "role-in-cache-key",
+    StsRoleNameCheck => "sts-role-name-check",
 }
 
 impl Defence {

@@ -895,3 +895,58 @@ async fn no_sts_secret_or_token_reaches_the_logs() {
         );
     }
 }
+
+/// Moving an association to another role takes effect at the next request after the reload,
+/// for a pod whose credentials for the old role are cached.
+#[tokio::test]
+async fn a_changed_role_takes_effect_at_the_next_request() {
+    const NEW_ROLE: &str = "arn:aws:iam::111122223333:role/app-v2";
+    let bed = StsTestBed::start(&[app()]).await;
+    let pod = Pod::new("team-a", "app", "app-0");
+    let token = bed.token(&pod);
+    let first = bed.agent.fetch_credentials(&token).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let reloads = metric(&bed, RELOADS, &[("outcome", "success")]).await;
+    bed.associations
+        .write(&[Association::new("team-a", "app", NEW_ROLE)]);
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    while metric(&bed, RELOADS, &[("outcome", "success")]).await <= reloads {
+        assert!(
+            Instant::now() < deadline,
+            "no reload\n{}",
+            bed.agent.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = bed.agent.fetch_credentials(&token).await;
+    assert_eq!(second.status, 200, "{second:?}");
+    let key = second.json_str("AccessKeyId").unwrap();
+    let issued = bed.sts.find_issued(&key).expect("issued by the fake");
+    assert!(
+        issued.role_arn.contains("assumed-role/app-v2/"),
+        "credentials of {} after the role moved to {NEW_ROLE}",
+        issued.role_arn
+    );
+    let calls = bed.sts.calls_for(&pod.uid);
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].role_arn.as_deref(), Some(NEW_ROLE));
+}
+
+/// An STS answer whose assumed role is not the associated one (same account) is not served.
+#[tokio::test]
+async fn an_answer_for_another_role_is_refused() {
+    let bed = StsTestBed::start(&[app()]).await;
+    bed.sts
+        .set_fault(StsFault::AnswerAsRole("admin".to_owned()));
+    let response = bed
+        .agent
+        .fetch_credentials(&bed.token(&Pod::new("team-a", "app", "app-0")))
+        .await;
+    assert_eq!(response.status, 502, "{response:?}");
+    assert_eq!(
+        response.json_str("code").as_deref(),
+        Some("InvalidUpstreamResponse")
+    );
+    let issued = only_issued(&bed.sts);
+    assert!(!response.text().contains(&issued.access_key_id));
+}

@@ -67,11 +67,14 @@ pub enum CacheKey {
         namespace: Arc<str>,
         service_account: Arc<str>,
         pod: PodRef,
+        /// What the backend's answer depends on besides the token (the STS backend's role).
+        role: Option<Arc<str>>,
     },
     /// Every pod of a service account.
     Association {
         namespace: Arc<str>,
         service_account: Arc<str>,
+        role: Option<Arc<str>>,
     },
     /// An unverified token, by digest: nothing else about it can be trusted.
     Unverified([u8; 32]),
@@ -84,7 +87,11 @@ pub enum PodRef {
 }
 
 impl CacheKey {
-    pub fn for_identity(identity: &Identity, scope: CacheScope) -> CacheKey {
+    pub fn for_identity(
+        identity: &Identity,
+        scope: CacheScope,
+        role: Option<Arc<str>>,
+    ) -> CacheKey {
         let Some(claims) = &identity.verified else {
             return CacheKey::Unverified(identity.token.digest());
         };
@@ -94,6 +101,7 @@ impl CacheKey {
             CacheScope::Association => CacheKey::Association {
                 namespace,
                 service_account,
+                role,
             },
             CacheScope::Pod => {
                 let pod = match &claims.pod_uid {
@@ -104,6 +112,7 @@ impl CacheKey {
                     namespace,
                     service_account,
                     pod,
+                    role,
                 }
             }
         }
@@ -122,6 +131,7 @@ impl CacheKey {
                 namespace,
                 service_account,
                 pod: PodRef::Uid(uid),
+                ..
             } => {
                 format!("{namespace}/{service_account}/pod:{uid}")
             }
@@ -129,12 +139,14 @@ impl CacheKey {
                 namespace,
                 service_account,
                 pod: PodRef::Token(d),
+                ..
             } => {
                 format!("{namespace}/{service_account}/token:{}", hex(d))
             }
             CacheKey::Association {
                 namespace,
                 service_account,
+                ..
             } => format!("{namespace}/{service_account}"),
             CacheKey::Unverified(d) => format!("unverified-token:{}", hex(d)),
         }
@@ -248,10 +260,13 @@ impl CredentialCache {
         // Before the cache: what the backend would refuse (the STS backend: no association
         // for this service account, as of the file's last reload) is never served from it,
         // so removing an association stops a pod's cached credentials at once.
-        if defence::on(Defence::AssociationAdmission) {
-            self.backend.admit(identity)?;
-        }
-        let key = CacheKey::for_identity(identity, self.settings.scope);
+        let role = if defence::on(Defence::AssociationAdmission) {
+            self.backend.admit(identity)?
+        } else {
+            None
+        };
+        let role = role.filter(|_| defence::on(Defence::RoleInCacheKey));
+        let key = CacheKey::for_identity(identity, self.settings.scope, role);
         let now = Instant::now();
         let slot = self.slot_for(&key, now);
         let (mut rx, stale) = {

@@ -542,13 +542,13 @@ mod properties {
         ) {
             let ia = verified(&a.0, &a.1, &a.2, a.3.as_deref(), a.4);
             let ib = verified(&b.0, &b.1, &b.2, b.3.as_deref(), b.4);
-            let ka = CacheKey::for_identity(&ia, CacheScope::Pod);
-            let kb = CacheKey::for_identity(&ib, CacheScope::Pod);
+            let ka = CacheKey::for_identity(&ia, CacheScope::Pod, None);
+            let kb = CacheKey::for_identity(&ib, CacheScope::Pod, None);
             if ia.verified.is_some() != ib.verified.is_some() {
                 prop_assert_ne!(&ka, &kb, "verified and unverified share a key");
             }
             for scope in [CacheScope::Pod, CacheScope::Association] {
-                let (sa, sb) = (CacheKey::for_identity(&ia, scope), CacheKey::for_identity(&ib, scope));
+                let (sa, sb) = (CacheKey::for_identity(&ia, scope, None), CacheKey::for_identity(&ib, scope, None));
                 if ia.verified.is_none() != ib.verified.is_none() {
                     prop_assert_ne!(sa, sb);
                 }

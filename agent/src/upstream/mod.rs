@@ -559,9 +559,11 @@ pub type FetchFuture<'a> =
 /// A source of role credentials for a pod's identity.
 pub trait Backend: Send + Sync + 'static {
     /// Refuse, before any cache or upstream work, an identity this backend will never serve
-    /// (the STS backend: no association for its service account).
-    fn admit(&self, _identity: &Identity) -> Result<(), UpstreamError> {
-        Ok(())
+    /// (the STS backend: no association for its service account). What it returns becomes
+    /// part of the cache key: the STS backend names the associated role, so a changed role is
+    /// a new entry at the next request instead of the old role's credentials until a refresh.
+    fn admit(&self, _identity: &Identity) -> Result<Option<Arc<str>>, UpstreamError> {
+        Ok(None)
     }
 
     /// Exchange the identity's token for credentials. Implementations bound their own time

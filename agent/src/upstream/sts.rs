@@ -12,6 +12,7 @@ use super::{
 };
 use crate::associations::{Association, AssociationStore};
 use crate::config::Config;
+use crate::defence::{self, Defence};
 use crate::token::Identity;
 
 const SERVICE: &str = "STS";
@@ -148,8 +149,9 @@ impl Sts {
 }
 
 impl Backend for Sts {
-    fn admit(&self, identity: &Identity) -> Result<(), UpstreamError> {
-        self.association(identity).map(|_| ())
+    fn admit(&self, identity: &Identity) -> Result<Option<Arc<str>>, UpstreamError> {
+        self.association(identity)
+            .map(|a| Some(Arc::<str>::from(a.role_arn.as_str())))
     }
 
     fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
@@ -229,6 +231,17 @@ fn credentials_from(
             return Err(invalid(
                 "names an assumed role outside the associated role's account",
             ));
+        }
+        // `arn:aws:sts::<account>:assumed-role/<role name>/<session>` must name the role
+        // associated with the pod (`arn:aws:iam::<account>:role/<path>/<role name>`).
+        let assumed = user
+            .arn()
+            .split(':')
+            .nth(5)
+            .and_then(|r| r.strip_prefix("assumed-role/")?.split('/').next());
+        let associated = role_arn.rsplit('/').next();
+        if assumed != associated && defence::on(Defence::StsRoleNameCheck) {
+            return Err(invalid("names another role than the associated one"));
         }
     }
     checked_credentials(

@@ -77,6 +77,9 @@ pub enum StsFault {
     },
     /// Accept the request and never answer.
     Hang,
+    /// Issue credentials, but name this role in the answer's assumed-role user: a misrouted
+    /// or hostile answer.
+    AnswerAsRole(String),
 }
 
 impl StsFault {
@@ -481,8 +484,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let mut answer_as = None;
     match fault {
         StsFault::Ok => {}
+        StsFault::AnswerAsRole(role) => answer_as = Some(role),
         StsFault::Hang => {
             tokio::time::sleep(HANG_FOR).await;
             return error_response(504, "InternalFailure", "hung");
@@ -502,9 +507,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     };
     let lifetime = lifetime.unwrap_or(Duration::from_secs(params.duration_seconds));
 
-    let issued = shared
-        .recorder
-        .issue(|serial| subject.issue(&params.role, params.session_name, serial, lifetime));
+    let issued = shared.recorder.issue(|serial| {
+        let mut issued = subject.issue(&params.role, params.session_name, serial, lifetime);
+        if let Some(other) = &answer_as {
+            let named = format!("assumed-role/{}/", params.role.name);
+            issued.role_arn = issued
+                .role_arn
+                .replace(&named, &format!("assumed-role/{other}/"));
+        }
+        issued
+    });
     success_response(&issued, &subject, params.session_name)
 }
 
