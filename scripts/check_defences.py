@@ -28,7 +28,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFENCES_RS = ROOT / "agent/src/defence.rs"
 DISABLE_ENV = "POD_IDENTITY_AGENT_DISABLE_DEFENCE"
 # Guarding tests run this many at a time: most wait on timers, not on the CPU.
-PARALLEL = 3
+PARALLEL = 4
+
+# Guarding tests that take a minute or so (they hold a flood for that long).
+SLOW = {
+    "one_source_cannot_take_every_connection_slot",
+    "a_flood_of_refused_requests_does_not_flood_the_log",
+}
 
 # defence name (agent/src/defence.rs) -> (test file in proto-tests/tests, test name)
 TABLE = {
@@ -50,6 +56,9 @@ TABLE = {
     "issuer-required": ("cli", "bad_flags_exit_64_naming_the_flag"),
     "role-in-cache-key": ("sts", "a_changed_role_takes_effect_at_the_next_request"),
     "sts-role-name-check": ("sts", "an_answer_for_another_role_is_refused"),
+    "per-source-limit": ("abuse", "one_source_cannot_take_every_connection_slot"),
+    "send-timeout": ("abuse", "a_client_that_never_reads_is_disconnected_after_the_send_timeout"),
+    "admin-limits": ("abuse", "the_metrics_port_survives_a_connection_flood"),
 }
 
 
@@ -165,22 +174,40 @@ def main():
     names = only or declared
     binary = build_switch_binary()
     tests = test_binaries()
-    # Control: with nothing switched off, the switchable build passes every guarding test, so
-    # a failure below is the missing defence's doing and not the build's.
+    # One pool for the controls (every guarding test once with nothing off: all must pass,
+    # so a failure below is the missing defence's doing and not the build's) and the checks
+    # (each test with its defence off: each must fail). The long tests go first.
+    cases = sorted({TABLE[n] for n in names})
+    jobs = [("control", tc) for tc in cases] + [("check", n) for n in names]
+
+    def is_slow(job):
+        kind, what = job
+        case = what[1] if kind == "control" else TABLE[what][1]
+        return case in SLOW
+
+    jobs.sort(key=lambda job: not is_slow(job))
+
+    def run_job(job):
+        kind, what = job
+        if kind == "control":
+            return job, control(binary, tests, *what)
+        return job, check(binary, tests, what)
+
+    survived = []
+    broken = []
     with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        cases = sorted({TABLE[n] for n in names})
-        controls = list(pool.map(lambda tc: control(binary, tests, *tc), cases))
-    broken = [line for ok, line in controls if not ok]
+        for (kind, what), (ok, line) in pool.map(run_job, jobs):
+            if kind == "control":
+                if not ok:
+                    broken.append(line)
+                continue
+            print(f"check_defences: {line}")
+            if not ok:
+                survived.append(what)
     if broken:
         print("check_defences: the defence-switches build fails with every defence on:")
         print("\n".join(broken))
         return 1
-    survived = []
-    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        for name, (ok, line) in zip(names, pool.map(lambda n: check(binary, tests, n), names)):
-            print(f"check_defences: {line}")
-            if not ok:
-                survived.append(name)
     print(f"check_defences: {len(names)} defences checked in {time.monotonic() - started:.0f}s")
     if survived:
         print("check_defences: FAILED: " + "; ".join(survived))

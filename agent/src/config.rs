@@ -47,6 +47,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// A client that has not sent a whole header section this long after connecting, or after
 /// its last response, is disconnected (the contract's 30 s).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections one source address may hold on a credentials listener: an SDK keeps one or two
+/// per process, so this leaves room for a pod that starts hundreds of processes at once, while
+/// no pod can take the node's slots (hostNetwork pods share the node's address, and this cap).
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+/// How long a response may wait for the client to take it: an answer is under 2 KiB, so only
+/// a client that stopped reading (pipelining without reading) waits this long.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The metrics and probe listeners serve Prometheus and the kubelet, a handful of connections;
+/// they are reachable from every pod (metrics on 0.0.0.0 in the host network), so they get
+/// small limits of their own.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+pub const ADMIN_MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -263,6 +275,16 @@ pub struct ServerArgs {
     /// the default suits production; tests shorten it instead of waiting.
     #[arg(long, env = "POD_IDENTITY_AGENT_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE_TIMEOUT.into(), hide = true)]
     pub idle_timeout: humantime::Duration,
+    /// Open connections allowed from one source address per credentials listener.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
+    )]
+    pub max_connections_per_source: usize,
+    /// How long a response may wait for the client to read it before the connection is closed.
+    #[arg(long, env = "POD_IDENTITY_AGENT_SEND_TIMEOUT", default_value_t = DEFAULT_SEND_TIMEOUT.into())]
+    pub send_timeout: humantime::Duration,
     /// Credential source.
     #[arg(
         long,
@@ -424,6 +446,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Header read timeout, which is also how long an idle keep-alive connection is kept.
     pub idle_timeout: Duration,
+    pub max_connections_per_source: usize,
+    pub send_timeout: Duration,
     pub limits: RequestLimits,
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
     /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
@@ -647,6 +671,13 @@ impl ServerArgs {
         if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&idle_timeout) {
             return Err(bad("idle-timeout", "must be between 1s and 10m"));
         }
+        if self.max_connections_per_source == 0 {
+            return Err(bad("max-connections-per-source", "must be at least 1"));
+        }
+        let send_timeout: Duration = self.send_timeout.into();
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&send_timeout) {
+            return Err(bad("send-timeout", "must be between 1s and 10m"));
+        }
         for (flag, value) in [
             ("caller-rate-limit", self.caller_rate_limit),
             ("caller-burst", self.caller_burst),
@@ -685,6 +716,8 @@ impl ServerArgs {
             max_upstream_concurrency: self.max_upstream_concurrency,
             max_connections: self.max_connections,
             idle_timeout,
+            max_connections_per_source: self.max_connections_per_source,
+            send_timeout,
             limits: RequestLimits {
                 caller_rate: self.caller_rate_limit,
                 caller_burst: self.caller_burst,
@@ -772,6 +805,8 @@ impl Default for Config {
             max_upstream_concurrency: DEFAULT_MAX_UPSTREAM_CONCURRENCY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             limits: RequestLimits::default(),
             static_upstream_credentials: None,
             rotate_credentials: None,

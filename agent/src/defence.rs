@@ -52,6 +52,9 @@ defences! {
     IssuerRequired => "issuer-required",
     RoleInCacheKey => "role-in-cache-key",
     StsRoleNameCheck => "sts-role-name-check",
+    PerSourceLimit => "per-source-limit",
+    SendTimeout => "send-timeout",
+    AdminLimits => "admin-limits",
 }
 
 impl Defence {

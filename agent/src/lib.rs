@@ -37,6 +37,7 @@ use crate::admin::{AdminState, Readiness};
 use crate::associations::AssociationStore;
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::config::{BackendKind, Config, ConfigError};
+use crate::defence::Defence;
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
 use crate::limits::{LogLimiter, RequestLimiter};
@@ -262,7 +263,9 @@ impl Startup {
             let state = state.clone();
             let limits = server::ConnectionLimits {
                 max_connections: Some(config.max_connections),
+                max_per_source: Some(config.max_connections_per_source),
                 idle_timeout: config.idle_timeout,
+                send_timeout: config.send_timeout,
                 metrics: Some(self.metrics.clone()),
             };
             self.tasks.spawn(server::serve_with_limits(
@@ -311,9 +314,20 @@ impl Startup {
         for (name, listener, addr) in admin_listeners {
             tracing::info!(listener = name, address = %addr, "listening");
             let admin = admin.clone();
-            self.tasks.spawn(server::serve(
+            // Small limits of their own: the metrics port is reachable from every pod.
+            let limits = if defence::on(Defence::AdminLimits) {
+                server::ConnectionLimits {
+                    max_connections: Some(config::ADMIN_MAX_CONNECTIONS),
+                    max_per_source: Some(config::ADMIN_MAX_CONNECTIONS_PER_SOURCE),
+                    ..server::ConnectionLimits::default()
+                }
+            } else {
+                server::ConnectionLimits::default()
+            };
+            self.tasks.spawn(server::serve_with_limits(
                 listener,
                 self.shutdown_rx.clone(),
+                limits,
                 move |req, peer| admin::handle(admin.clone(), req, peer),
             ));
         }

@@ -738,12 +738,49 @@ pub async fn burst<I>(addr: SocketAddr, tokens: I) -> Vec<(std::io::Result<RawRe
 where
     I: IntoIterator<Item = String>,
 {
+    burst_from(addr, tokens.into_iter().map(|t| (None, t))).await
+}
+
+/// [`burst`], each request from its own loopback address (127.1.x.y), as pods of a node
+/// each have their own IP.
+pub async fn burst_from_pods<I>(
+    addr: SocketAddr,
+    tokens: I,
+) -> Vec<(std::io::Result<RawResponse>, Duration)>
+where
+    I: IntoIterator<Item = String>,
+{
+    let sources = (0u32..).map(|i| {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            1,
+            (i / 250) as u8,
+            (i % 250 + 1) as u8,
+        ))
+    });
+    burst_from(addr, sources.zip(tokens).map(|(s, t)| (Some(s), t))).await
+}
+
+async fn burst_from<I>(
+    addr: SocketAddr,
+    requests: I,
+) -> Vec<(std::io::Result<RawResponse>, Duration)>
+where
+    I: IntoIterator<Item = (Option<std::net::IpAddr>, String)>,
+{
     let mut tasks = tokio::task::JoinSet::new();
-    for token in tokens {
+    for (source, token) in requests {
         tasks.spawn(async move {
             let started = Instant::now();
-            let response =
-                send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await;
+            let response = match source {
+                None => send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await,
+                Some(source) => {
+                    let request = RawRequest::new("GET", CREDENTIALS_PATH)
+                        .header("Host", addr.to_string())
+                        .header("Authorization", token);
+                    http::send_from(source, addr, &request).await
+                }
+            };
             (response, started.elapsed())
         });
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 /// How long a whole exchange may take before the client gives up. Generous:
 /// the agent's own upstream deadline is 5 s, and a debug build on two busy
@@ -191,6 +191,33 @@ pub async fn send_bytes(
             Ok(()) => Err(read_err),
         },
     }
+}
+
+/// A connection to `addr` from the loopback address `source` (any of 127.0.0.0/8 works on
+/// Linux), so one test can play several pods with different addresses.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    timeout(DEFAULT_EXCHANGE_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| timed_out("connect"))?
+}
+
+/// [`send`], from the loopback address `source`.
+pub async fn send_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    request: &RawRequest,
+) -> io::Result<RawResponse> {
+    let deadline = Instant::now() + DEFAULT_EXCHANGE_TIMEOUT;
+    let mut stream = connect_from(source, addr).await?;
+    timeout_at(deadline, stream.write_all(&request.to_bytes()))
+        .await
+        .map_err(|_| timed_out("write"))??;
+    read_response(&mut stream, request.is_head(), deadline).await
 }
 
 /// Read one response from `stream`, skipping interim (1xx) responses.

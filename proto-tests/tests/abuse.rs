@@ -509,3 +509,161 @@ async fn a_flood_of_refused_requests_does_not_flood_the_log() {
     );
     assert_still_serves(&bed).await;
 }
+
+/// A connection from 127.0.0.1 that reads nothing, with a tiny receive buffer, and requests
+/// pipelined until the agent's answers back up: what a pod does to hold connection slots.
+async fn stalled_connection(addr: std::net::SocketAddr) -> Option<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.set_recv_buffer_size(1024).ok()?;
+    let mut stream = timeout(WAIT, socket.connect(addr)).await.ok()?.ok()?;
+    let batch = format!("GET /nope HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(100);
+    // Bounded: at most 8 MiB, and stop as soon as a write stays blocked for 200 ms.
+    for _ in 0..(8 * 1024 * 1024 / batch.len()) {
+        match timeout(
+            Duration::from_millis(200),
+            stream.write_all(batch.as_bytes()),
+        )
+        .await
+        {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(stream)
+}
+
+/// One pod opens every connection it can, never reads, and holds them for a minute: another
+/// pod (another source address) is still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_take_every_connection_slot() {
+    const HOLD: Duration = Duration::from_secs(60);
+    let bed = TestBed::builder()
+        .args([
+            "--max-connections",
+            "24",
+            "--max-connections-per-source",
+            "16",
+        ])
+        // Long, so that only the per-source cap can keep slots free.
+        .args(["--send-timeout", "10m"])
+        .start()
+        .await;
+    let addr = bed.agent.credentials_addr();
+    let token = bed.token(&pod());
+    assert_still_serves(&bed).await;
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.extend(stalled_connection(addr).await);
+    }
+    // Another pod asks every 10 s while the slots are held, the last time after 60 s.
+    let other_pod: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let request = RawRequest::get("/v1/credentials")
+        .header("Host", addr.to_string())
+        .header("Authorization", &token);
+    let held_since = Instant::now();
+    loop {
+        // Three requests a round, each answered; the quickest within 100 ms (one slow answer
+        // is the test machine's scheduler, not the agent).
+        let mut quickest = Duration::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let response = http::send_from(other_pod, addr, &request)
+                .await
+                .expect("answered");
+            quickest = quickest.min(started.elapsed());
+            let after = held_since.elapsed();
+            assert_eq!(response.status, 200, "after {after:?}: {response:?}");
+        }
+        assert!(
+            quickest < Duration::from_millis(100),
+            "answered in {quickest:?}"
+        );
+        if held_since.elapsed() >= HOLD {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(10).min(HOLD - held_since.elapsed())).await;
+    }
+    let text = bed.agent.metrics_text().await;
+    let open = metrics::value(&text, "pod_identity_agent_open_connections").unwrap_or(0.0);
+    assert!(open <= 17.0, "{open} connections open\n{text}");
+    drop(held);
+}
+
+/// A client that pipelines requests and never reads the answers is disconnected once an
+/// answer has waited `--send-timeout` for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_disconnected_after_the_send_timeout() {
+    let bed = TestBed::builder()
+        .args(["--send-timeout", "2s"])
+        .start()
+        .await;
+    let addr = bed.agent.credentials_addr();
+    let stream = stalled_connection(addr).await.expect("connected");
+    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v >= 1.0).await;
+    // The answers back up; after the send timeout the agent closes the connection.
+    let closed = wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+    assert_eq!(closed, 0.0);
+    drop(stream);
+    assert_still_serves(&bed).await;
+}
+
+/// The agent's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The metrics port listens on every address of the node, so any pod can reach it: 10,000
+/// connection attempts from one source, 2,000 held at a time with unfinished requests, leave
+/// the agent's memory within 10 MiB of where it was and the credentials port serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_survives_a_connection_flood() {
+    const ATTEMPTS: usize = 10_000;
+    const AT_ONCE: usize = 2_000;
+    let bed = TestBed::start().await;
+    assert_still_serves(&bed).await;
+    let metrics_addr = bed.agent.metrics_addr();
+    let before = rss_kib(bed.agent.pid());
+    let mut peak = before;
+    for _ in 0..ATTEMPTS / AT_ONCE {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..AT_ONCE {
+            tasks.spawn(async move {
+                let mut stream = timeout(WAIT, TcpStream::connect(metrics_addr))
+                    .await
+                    .ok()?
+                    .ok()?;
+                // An unfinished request: the agent would hold a parser and its buffer for it.
+                let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").await;
+                Some(stream)
+            });
+        }
+        let mut held = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            held.extend(joined.expect("connect task"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak = peak.max(rss_kib(bed.agent.pid()));
+        drop(held);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(bed.agent.pid());
+    eprintln!("metrics flood: RSS {before} KiB before, {peak} KiB at most, {after} KiB after");
+    assert!(
+        peak.saturating_sub(before) <= 10 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
+    assert_still_serves(&bed).await;
+    assert!(
+        bed.agent
+            .metrics_text()
+            .await
+            .contains("pod_identity_agent_build_info"),
+        "the metrics port answers again"
+    );
+}

@@ -1,11 +1,12 @@
 //! The cache against a failing upstream: refresh ahead of expiry, last-good credentials
-//! through an outage, revocation, and a cold burst under throttling. Credentials from the
-//! fake live 30 s here, so the agent's refresh point (half the lifetime for credentials this
-//! short) comes after about 15 s.
+//! through an outage, revocation, and a cold burst under throttling. Either the fake's
+//! credentials live 30 s (the refresh point, half the lifetime for credentials this short,
+//! comes after about 15 s) or the agent's retention is 3 s, so the refresh point comes
+//! within seconds of a fetch. What happens near expiry is `sdk_pattern.rs`'s.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto_tests::agent::burst;
+use proto_tests::agent::burst_from_pods;
 use proto_tests::assertions::parse_rfc3339_utc;
 use proto_tests::http::RawResponse;
 use proto_tests::metrics;
@@ -60,7 +61,7 @@ async fn poll(bed: &TestBed, token: &str, duration: Duration) -> Vec<Polled> {
 async fn a_polling_client_never_sees_expiring_credentials() {
     let bed = short_lived_bed().await;
     let token = bed.token(&Pod::new("team-a", "poller", "poller-0"));
-    let responses = poll(&bed, &token, Duration::from_secs(40)).await;
+    let responses = poll(&bed, &token, Duration::from_secs(20)).await;
     let mut keys = Vec::new();
     for Polled {
         response, received, ..
@@ -92,19 +93,24 @@ async fn a_polling_client_never_sees_expiring_credentials() {
     );
 }
 
+/// The agent refreshes 3 s after a fetch (less jitter).
+async fn short_retention_bed() -> TestBed {
+    TestBed::builder()
+        .args(["--max-credential-retention-before-renewal", "3s"])
+        .start()
+        .await
+}
+
 async fn outage(fault: Fault) {
-    // 60 s credentials: fresh for 30 s, servable until 15 s before expiry.
-    let bed = TestBed::start().await;
-    bed.upstream
-        .set_credential_lifetime(Duration::from_secs(60));
+    let bed = short_retention_bed().await;
     let token = bed.token(&Pod::new("team-a", "app", "app-0"));
     let first = bed.agent.fetch_credentials(&token).await;
     assert_eq!(first.status, 200);
     let key = first.json_str("AccessKeyId").unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     bed.upstream.set_fault(fault);
-    // Past the refresh point, until shortly before the credentials stop being servable.
-    for Polled { response, took, .. } in poll(&bed, &token, Duration::from_secs(38)).await {
+    // A polling client, past the refresh point and through the failing refreshes.
+    for Polled { response, took, .. } in poll(&bed, &token, Duration::from_secs(8)).await {
         assert_eq!(
             response.status,
             200,
@@ -138,13 +144,13 @@ async fn hanging_upstream_serves_the_cached_credentials() {
 #[tokio::test]
 async fn deleted_association_stops_serving_at_the_next_refresh() {
     for fault in [Fault::resource_not_found(), Fault::access_denied()] {
-        let bed = short_lived_bed().await;
+        let bed = short_retention_bed().await;
         let token = bed.token(&Pod::new("team-a", "app", "app-0"));
         assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
         bed.upstream.set_fault(fault.clone());
-        let responses = poll(&bed, &token, Duration::from_secs(20)).await;
+        let responses = poll(&bed, &token, Duration::from_secs(6)).await;
         let refused = responses
             .iter()
             .position(|p| p.response.status != 200)
@@ -176,7 +182,7 @@ async fn cold_burst_of_1000_pods_under_throttling() {
     let addr = bed.agent.credentials_addr();
     let (mut throttled, mut busy) = (0, 0);
     let mut slowest = Duration::ZERO;
-    for (response, took) in burst(addr, tokens).await {
+    for (response, took) in burst_from_pods(addr, tokens).await {
         let response = response.expect("answered");
         slowest = slowest.max(took);
         match response.status {

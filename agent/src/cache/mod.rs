@@ -569,20 +569,28 @@ impl CredentialCache {
                         Some((_, until)) if now < *until => Next::Sleep(*until),
                         _ => Next::Remove("expired"),
                     },
-                    Some(c) if !c.servable(now) => {
-                        Next::Remove(state.dormant.map_or("expired", Dormancy::label))
-                    }
                     Some(c) => {
+                        let servable = c.servable(now);
                         let until = c.servable_until();
-                        if !wanted {
-                            state.dormant = Some(Dormancy::Idle);
-                            Next::Sleep(until)
-                        } else if let Some(identity) = state.refresh_token() {
-                            state.refreshing = true;
-                            Next::Refresh(identity)
-                        } else {
-                            state.dormant = Some(Dormancy::TokenExpired);
-                            Next::Sleep(until)
+                        let token = if wanted { state.refresh_token() } else { None };
+                        match token {
+                            // In use: refreshed even if its credentials just stopped being
+                            // servable (short sessions reach both points together).
+                            Some(identity) => {
+                                state.refreshing = true;
+                                Next::Refresh(identity)
+                            }
+                            None if !servable => {
+                                Next::Remove(state.dormant.map_or("expired", Dormancy::label))
+                            }
+                            None => {
+                                state.dormant = Some(if wanted {
+                                    Dormancy::TokenExpired
+                                } else {
+                                    Dormancy::Idle
+                                });
+                                Next::Sleep(until)
+                            }
                         }
                     }
                 }
@@ -627,10 +635,7 @@ impl CredentialCache {
             let state = slot.lock();
             match &state.current {
                 Some(c) if started < c.fresh_until => (c.fresh_until, c.servable_until()),
-                Some(c) => (
-                    (started + RETRY_CAP).min(c.servable_until()),
-                    c.servable_until(),
-                ),
+                Some(c) => (started + RETRY_CAP, c.servable_until()),
                 None => (started, started),
             }
         };
@@ -652,9 +657,13 @@ impl CredentialCache {
             if !waited {
                 self.metrics.refresh("skipped");
                 tracing::debug!(key = %key.describe(), "no refresh budget in time; requests refetch on their own");
-                // Still drop the entry when its credentials run out.
-                self.timers
-                    .schedule(&self.this, key, &slot, servable_until, generation);
+                // Still drop the entry when its credentials run out (at once if they have).
+                if Instant::now() < servable_until {
+                    self.timers
+                        .schedule(&self.this, key, &slot, servable_until, generation);
+                } else {
+                    self.remove(&key, &slot, Some("expired"));
+                }
             }
             return;
         };
