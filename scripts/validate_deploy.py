@@ -48,9 +48,6 @@ AGENT_IMAGE = "pod-identity-agent"
 # container without it in its bounding set cannot even exec the binary.
 IMAGE_FILE_CAPABILITY = "NET_BIND_SERVICE"
 # Renders whose server does not run as the nonroot user, and why.
-ROOT_SERVER_ALLOWED = {
-    "overlays/hybrid": "reads the node's root-only shared credentials file",
-}
 MONITORING_LABEL = ("app.kubernetes.io/name", "pod-identity-agent")
 
 # kubernetes-validate reads each schema file from disk on every call.
@@ -305,6 +302,16 @@ def matches(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def server_runs_as_non_root(pod_spec, container):
+    """The user a container runs as, from its own securityContext or else the pod's: non-root
+    means runAsNonRoot true and a non-zero runAsUser."""
+    pod_sc = pod_spec.get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    user = sc.get("runAsUser", pod_sc.get("runAsUser", 0))
+    return non_root is True and user != 0
+
+
 def check_wiring(report, source, docs):
     failures = len(report.failures)
     by_kind = {}
@@ -368,18 +375,21 @@ def check_wiring(report, source, docs):
                 f"{cwhere}: keeps {IMAGE_FILE_CAPABILITY}, the image binary's file capability",
                 "without it in the bounding set the kernel refuses to exec the binary (EPERM)",
             )
-            if long_running and (container.get("args") or [None])[0] == "server":
-                exempt = ROOT_SERVER_ALLOWED.get(source)
-                if exempt:
-                    report.check(
-                        sc.get("runAsUser") == 0,
-                        f"{cwhere}: runs as root ({exempt})",
-                    )
-                else:
-                    report.check(
-                        sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0,
-                        f"{cwhere}: runs as a non-root user",
-                    )
+            command = (container.get("args") or [None])[0]
+            if long_running and command == "server":
+                # The pod-facing server never runs as root, on any kind of node.
+                report.check(
+                    server_runs_as_non_root(spec, container),
+                    f"{cwhere}: the credentials server runs as a non-root user",
+                    json.dumps(sc, sort_keys=True),
+                )
+            if long_running and command not in ("server", "copy-credentials"):
+                report.check(False, f"{cwhere}: runs a known long-running command", str(command))
+            if command == "copy-credentials":
+                report.check(
+                    not container.get("ports"),
+                    f"{cwhere}: the credentials copier listens on nothing",
+                )
     pods = [t["metadata"].get("labels", {}) for _, t in pod_templates(docs)]
     for service in by_kind.get("Service", []):
         selector = service["spec"].get("selector")
@@ -613,6 +623,18 @@ def main():
         validate_objects(report, source, docs)
     for source, docs in [("daemonset.yaml", top_level), *renders.items(), *examples.items()]:
         check_wiring(report, source, docs)
+    # The rule is not vacuous: a server running as root, by its own securityContext or the
+    # pod's, or without runAsNonRoot, is refused.
+    for pod_sc, sc in [
+        ({}, {"runAsUser": 0, "runAsNonRoot": False}),
+        ({"runAsUser": 0}, {"runAsNonRoot": True}),
+        ({}, {"runAsUser": 65532}),
+        ({"runAsNonRoot": True}, {}),
+    ]:
+        report.check(
+            not server_runs_as_non_root({"securityContext": pod_sc}, {"securityContext": sc}),
+            f"the non-root rule refuses a server with {pod_sc} / {sc}",
+        )
     check_drift(report, top_level, renders["overlays/eks"])
     check_monitors(report, monitoring + podmonitor, {"daemonset.yaml": top_level, **renders})
     with tempfile.TemporaryDirectory(prefix="validate-deploy-") as tmp:

@@ -112,6 +112,30 @@ pub enum Command {
     Dev(DevArgs),
     /// Print the version and exit.
     Version,
+    /// Keep non-root-readable copies of the node's AWS credential files (hybrid nodes' sidecar).
+    CopyCredentials(CopyArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CopyArgs {
+    /// Directory holding the node's files.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_COPY_FROM",
+        default_value = "/eks-hybrid/.aws"
+    )]
+    pub from: PathBuf,
+    /// Directory to keep the copies in (a volume shared with the server).
+    #[arg(long, env = "POD_IDENTITY_AGENT_COPY_TO")]
+    pub to: PathBuf,
+    /// Files to copy; comma-separated or repeated.
+    #[arg(long, value_delimiter = ',', default_value = "credentials,config")]
+    pub file: Vec<String>,
+    /// How often the files are checked for changes.
+    #[arg(long, default_value = "30s")]
+    pub interval: humantime::Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

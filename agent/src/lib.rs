@@ -11,6 +11,7 @@ pub mod admin;
 pub mod associations;
 pub mod cache;
 pub mod config;
+pub mod copy;
 pub mod defence;
 pub mod dev;
 pub mod http;

@@ -56,6 +56,26 @@ fn main() -> ExitCode {
     };
     let verbosity = cli.verbosity;
     match cli.command {
+        Command::CopyCredentials(args) => {
+            if let Err(e) = logging::init(&args.log, verbosity) {
+                return usage_error(e);
+            }
+            if args.file.iter().any(|f| f.is_empty() || f.contains('/')) {
+                return usage_error("--file: names of files in --from, without slashes");
+            }
+            runtime.block_on(async move {
+                tokio::select! {
+                    result = pod_identity_agent::copy::run(&args.from, &args.to, &args.file, args.interval.into()) => {
+                        if let Err(e) = result {
+                            eprintln!("pod-identity-agent copy-credentials: {e}");
+                            return exit(1);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    _ = shutdown::wait_for_signal() => ExitCode::SUCCESS,
+                }
+            })
+        }
         Command::Version => {
             println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

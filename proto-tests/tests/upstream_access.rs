@@ -91,3 +91,57 @@ async fn upstream_calls_go_through_the_proxy_from_the_environment() {
         }
     }
 }
+
+/// The hybrid overlay's sidecar: copies of the node's credential files, mode 0640, kept
+/// current as the files rotate, and a clean exit on SIGTERM.
+#[tokio::test]
+async fn copy_credentials_keeps_readable_copies_current() {
+    use std::os::unix::fs::PermissionsExt;
+    let from = tempfile::tempdir().unwrap();
+    let to = tempfile::tempdir().unwrap();
+    write_credentials(&from.path().join("credentials"), "AKIDFIRST");
+    let mut child = proto_tests::agent::agent_command()
+        .args(["copy-credentials", "--interval", "200ms", "--from"])
+        .arg(from.path())
+        .arg("--to")
+        .arg(to.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start copy-credentials");
+    let copy = to.path().join("credentials");
+    let wait_for = |key: &'static str| {
+        let copy = copy.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::fs::read_to_string(&copy).is_ok_and(|c| c.contains(key)) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{key} was not copied"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("AKIDFIRST").await;
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "{mode:o}");
+    write_credentials(&from.path().join("credentials"), "AKIDROTATED");
+    wait_for("AKIDROTATED").await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
