@@ -502,6 +502,7 @@ async fn a_flood_of_refused_requests_does_not_flood_the_log() {
         "only {refused} requests answered\n{text}"
     );
     let lines = bed.agent.log_records().len() - lines_before;
+    eprintln!("log flood: {refused} refused requests in 10 s, {lines} log lines");
     assert!(
         lines <= 40,
         "{lines} log lines for {refused} refused requests\n{}",
@@ -578,6 +579,10 @@ async fn one_source_cannot_take_every_connection_slot() {
         assert!(
             quickest < Duration::from_millis(100),
             "answered in {quickest:?}"
+        );
+        eprintln!(
+            "after {:?} of holding: another source answered in {quickest:?}",
+            held_since.elapsed()
         );
         if held_since.elapsed() >= HOLD {
             break;
