@@ -21,6 +21,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -60,6 +61,37 @@ TABLE = {
     "send-timeout": ("abuse", "a_client_that_never_reads_is_disconnected_after_the_send_timeout"),
     "admin-limits": ("abuse", "the_metrics_port_survives_a_connection_flood"),
 }
+
+
+# Defences that live in the manifests, checked by scripts/validate-deploy: (name, file under
+# the repository, text marking the spot, text that takes the defence out). A marker that is no
+# longer found fails the script, as a missing binary defence does.
+MANIFEST_MUTATIONS = [
+    (
+        "hybrid server as root",
+        "deploy/overlays/hybrid/credentials.yaml",
+        "        - name: pod-identity-agent\n          env:\n",
+        "        - name: pod-identity-agent\n          securityContext:\n"
+        "            runAsUser: 0\n            runAsNonRoot: false\n          env:\n",
+    ),
+]
+
+
+def check_manifest(name, rel, marker, mutated):
+    """Copy the manifests, take the defence out, and require validate-deploy to refuse them."""
+    with tempfile.TemporaryDirectory(prefix="check-defences-") as tmp:
+        root = pathlib.Path(tmp)
+        shutil.copy2(ROOT / "daemonset.yaml", root / "daemonset.yaml")
+        shutil.copytree(ROOT / "deploy", root / "deploy")
+        target = root / rel
+        text = target.read_text()
+        if text.count(marker) != 1:
+            return False, f"'{name}': its marker is no longer in {rel}; update MANIFEST_MUTATIONS"
+        target.write_text(text.replace(marker, mutated, 1))
+        result = run(["scripts/validate-deploy", "--root", str(root)], 600)
+        if result.returncode != 0 and "runs as a non-root user" in result.stdout + result.stderr:
+            return True, f"'{name}': validate-deploy refuses it (good)"
+        return False, f"'{name}': validate-deploy ACCEPTS it\n{result.stdout[-2000:]}"
 
 
 def declared_defences():
@@ -204,6 +236,12 @@ def main():
             print(f"check_defences: {line}")
             if not ok:
                 survived.append(what)
+    if not only:
+        for mutation in MANIFEST_MUTATIONS:
+            ok, line = check_manifest(*mutation)
+            print(f"check_defences: {line}")
+            if not ok:
+                survived.append(mutation[0])
     if broken:
         print("check_defences: the defence-switches build fails with every defence on:")
         print("\n".join(broken))

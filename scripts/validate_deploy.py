@@ -599,7 +599,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubectl", required=True)
     parser.add_argument("--promtool", required=True)
+    parser.add_argument(
+        "--root", help="a copy of the repository's daemonset.yaml and deploy/ to check instead"
+    )
     args = parser.parse_args()
+    if args.root:
+        global ROOT, DEPLOY
+        ROOT = Path(args.root).resolve()
+        DEPLOY = ROOT / "deploy"
     # promtool also runs from a temporary directory.
     args.promtool = str(Path(args.promtool).resolve())
     report = Report()

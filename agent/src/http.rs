@@ -595,36 +595,22 @@ mod tests {
             (ApiError::HostNotAllowed, 403),
             (ApiError::NotFound, 404),
             (ApiError::MethodNotAllowed, 405),
-            (up(FailureKind::Throttled, "ThrottlingException"), 429),
+            (up(FailureKind::Throttled, "Throttling"), 429),
             (
-                up(
-                    FailureKind::Rejected { status: 404 },
-                    "ResourceNotFoundException",
-                ),
+                up(FailureKind::AssociationRefused { status: 404 }, "NotFound"),
                 404,
             ),
             (
-                up(
-                    FailureKind::Rejected { status: 400 },
-                    "AccessDeniedException",
-                ),
+                up(FailureKind::TokenRefused { status: 400 }, "InvalidToken"),
+                400,
+            ),
+            (
+                up(FailureKind::Rejected { status: 400 }, "AccessDenied"),
                 400,
             ),
             (up(FailureKind::Rejected { status: 429 }, "Odd"), 400),
-            (
-                up(
-                    FailureKind::Server { status: 500 },
-                    "InternalServerException",
-                ),
-                502,
-            ),
-            (
-                up(
-                    FailureKind::Server { status: 503 },
-                    "ServiceUnavailableException",
-                ),
-                503,
-            ),
+            (up(FailureKind::Server { status: 500 }, "Internal"), 502),
+            (up(FailureKind::Server { status: 503 }, "Unavailable"), 503),
             (up(FailureKind::Timeout, "UpstreamTimeout"), 504),
             (up(FailureKind::Unreachable, "UpstreamUnreachable"), 503),
         ];

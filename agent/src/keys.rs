@@ -79,12 +79,9 @@ impl KeySet {
         if doc.len() > MAX_DOCUMENT_BYTES {
             return Err(KeysError::Invalid("document is larger than 1 MiB".into()));
         }
-        let value: serde_json::Value = serde_json::from_slice(doc)
-            .map_err(|e| KeysError::Invalid(format!("not JSON: {e}")))?;
-        let list = value
-            .get("keys")
-            .and_then(|k| k.as_array())
-            .ok_or_else(|| KeysError::Invalid("no \"keys\" array".into()))?;
+        let list = json_field(doc, "JWKS document", "keys array", |v| {
+            v.get("keys")?.as_array().cloned()
+        })?;
         let mut keys = Vec::new();
         for entry in list.iter().take(MAX_KEYS) {
             let Ok(jwk) = serde_json::from_value::<Jwk>(entry.clone()) else {
@@ -647,14 +644,24 @@ pub mod signing {
     }
 }
 
+/// What `pick` takes from the JSON document `doc` (a `what`), or an error naming the `field`
+/// it lacks.
+fn json_field<T>(
+    doc: &[u8],
+    what: &str,
+    field: &str,
+    pick: impl FnOnce(&serde_json::Value) -> Option<T>,
+) -> Result<T, KeysError> {
+    let value: serde_json::Value = serde_json::from_slice(doc)
+        .map_err(|e| KeysError::Invalid(format!("{what} is not JSON: {e}")))?;
+    pick(&value).ok_or_else(|| KeysError::Invalid(format!("{what} has no {field}")))
+}
+
 /// The `jwks_uri` of an OIDC discovery document: an http(s) URL, or an error saying why not.
 pub fn jwks_uri_from_discovery(doc: &[u8]) -> Result<Uri, KeysError> {
-    let value: serde_json::Value = serde_json::from_slice(doc)
-        .map_err(|e| KeysError::Invalid(format!("discovery document is not JSON: {e}")))?;
-    let jwks = value
-        .get("jwks_uri")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| KeysError::Invalid("discovery document has no jwks_uri".into()))?;
+    let jwks = json_field(doc, "discovery document", "jwks_uri", |v| {
+        v.get("jwks_uri")?.as_str().map(str::to_owned)
+    })?;
     let jwks: Uri = jwks
         .parse()
         .map_err(|_| KeysError::Invalid("jwks_uri is not a URL".into()))?;
@@ -670,6 +677,18 @@ pub mod testing {
     use super::*;
 
     pub struct TestKey(SigningKey);
+
+    /// A JWKS file holding `key` in a new temporary directory, and a store loaded from it.
+    pub async fn file_store(
+        key: &TestKey,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Arc<KeyStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, key.jwks().to_string()).unwrap();
+        let store = KeyStore::new(KeySource::File(path.clone()), Metrics::new()).unwrap();
+        store.reload("startup").await.unwrap();
+        (dir, path, store)
+    }
 
     impl TestKey {
         pub fn es256(kid: &str) -> TestKey {
@@ -734,12 +753,7 @@ mod tests {
 
     #[tokio::test]
     async fn file_source_reloads_on_change_and_keeps_last_good() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jwks.json");
-        let k1 = TestKey::es256("one");
-        std::fs::write(&path, k1.jwks().to_string()).unwrap();
-        let store = KeyStore::new(KeySource::File(path.clone()), Metrics::new()).unwrap();
-        store.reload("startup").await.unwrap();
+        let (_dir, path, store) = testing::file_store(&TestKey::es256("one")).await;
         assert!(store.candidates(Some("one"), Algorithm::ES256).is_ok());
         std::fs::write(&path, "{broken").unwrap();
         assert!(store.reload("changed").await.is_err());

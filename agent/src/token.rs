@@ -591,16 +591,8 @@ mod tests {
 
     #[tokio::test]
     async fn verified_results_are_reused_until_the_keys_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jwks.json");
         let key = TestKey::es256("k1");
-        std::fs::write(&path, key.jwks().to_string()).unwrap();
-        let store = KeyStore::new(
-            crate::config::KeySource::File(path.clone()),
-            crate::metrics::Metrics::new(),
-        )
-        .unwrap();
-        store.reload("startup").await.unwrap();
+        let (_dir, path, store) = crate::keys::testing::file_store(&key).await;
         let v = Verifier::new(
             Some(store.clone()),
             None,

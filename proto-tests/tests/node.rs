@@ -213,6 +213,11 @@ async fn poll_credentials(
             .header("Authorization", token)
             .header("Connection", "close");
         match send(addr, &req).await {
+            // Listening comes before the keys are loaded: 503 with Retry-After until then,
+            // which an SDK retries too.
+            Ok(r) if r.status == 503 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Ok(r) => return r,
             Err(e) if Instant::now() < deadline => {
                 let _ = e;

@@ -101,12 +101,5 @@ fn credentials_from(
         .ok_or_else(|| invalid("has no assumed role"))?;
     let account_id =
         account_of_arn(arn).ok_or_else(|| invalid("has an assumed role ARN without an account"))?;
-    checked_credentials(
-        SERVICE,
-        creds.access_key_id(),
-        creds.secret_access_key(),
-        creds.session_token(),
-        *creds.expiration(),
-        account_id,
-    )
+    checked_credentials(SERVICE, creds, account_id)
 }

@@ -305,18 +305,50 @@ where
     }
 }
 
+/// The credential fields both services answer with, under the same names in both SDKs.
+trait IssuedFields {
+    fn key_id(&self) -> &str;
+    fn secret(&self) -> &str;
+    fn token(&self) -> &str;
+    fn expires(&self) -> aws_smithy_types::DateTime;
+}
+
+macro_rules! issued_fields {
+    ($($ty:ty),*) => {$(
+        impl IssuedFields for $ty {
+            fn key_id(&self) -> &str {
+                self.access_key_id()
+            }
+            fn secret(&self) -> &str {
+                self.secret_access_key()
+            }
+            fn token(&self) -> &str {
+                self.session_token()
+            }
+            fn expires(&self) -> aws_smithy_types::DateTime {
+                *self.expiration()
+            }
+        }
+    )*};
+}
+
+issued_fields!(
+    aws_sdk_eksauth::types::Credentials,
+    aws_sdk_sts::types::Credentials
+);
+
 /// Credentials from a 200 response of either service, checked as untrusted input: key
 /// fields present, of the right shape and size (they end up in the pod's HTTP headers), and
 /// an expiration no further away than any real session lasts. Too soon is the cache's call
 /// (`MIN_SERVABLE_LIFETIME`).
 fn checked_credentials(
     service: &str,
-    access_key_id: &str,
-    secret_access_key: &str,
-    session_token: &str,
-    expiration: aws_sdk_eksauth::primitives::DateTime,
+    issued: &impl IssuedFields,
     account_id: &str,
 ) -> Result<Credentials, UpstreamError> {
+    let (access_key_id, secret_access_key, session_token) =
+        (issued.key_id(), issued.secret(), issued.token());
+    let expiration = issued.expires();
     let invalid = |what: &str| invalid_response(service, what);
     let expiration = SystemTime::try_from(expiration)
         .map_err(|_| invalid("has an unrepresentable expiration"))?;

@@ -244,14 +244,7 @@ fn credentials_from(
             return Err(invalid("names another role than the associated one"));
         }
     }
-    checked_credentials(
-        SERVICE,
-        creds.access_key_id(),
-        creds.secret_access_key(),
-        creds.session_token(),
-        *creds.expiration(),
-        account_id,
-    )
+    checked_credentials(SERVICE, creds, account_id)
 }
 
 #[cfg(test)]
