@@ -60,6 +60,7 @@ TABLE = {
     "per-source-limit": ("abuse", "one_source_cannot_take_every_connection_slot"),
     "send-timeout": ("abuse", "a_client_that_never_reads_is_disconnected_after_the_send_timeout"),
     "admin-limits": ("abuse", "the_metrics_port_survives_a_connection_flood"),
+    "node-binding": ("security", "tokens_bound_to_another_node_are_refused"),
 }
 
 

@@ -326,6 +326,13 @@ pub struct ServerArgs {
     /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
     #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
     pub rotate_credentials: bool,
+    /// This node's name (the DaemonSet sets it from `spec.nodeName`): a token whose
+    /// `kubernetes.io.node.name` names another node is refused.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Also refuse tokens without a node claim (clusters before Kubernetes 1.30 issue those).
+    #[arg(long, env = "POD_IDENTITY_AGENT_REQUIRE_NODE_CLAIM")]
+    pub require_node_claim: bool,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long, env = "POD_IDENTITY_AGENT_ALLOW_INSECURE_KEY_SOURCE")]
@@ -478,6 +485,8 @@ pub struct Config {
     pub rotate_credentials: Option<Duration>,
     /// Keys may come over plain http from anywhere, not only from loopback.
     pub allow_insecure_key_source: bool,
+    pub node_name: Option<String>,
+    pub require_node_claim: bool,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -669,6 +678,25 @@ impl ServerArgs {
         if audiences.is_empty() {
             return Err(bad("audience", "at least one audience is required"));
         }
+        let node_name = self.node_name.clone().filter(|n| !n.is_empty());
+        if let Some(name) = &node_name {
+            let valid = name.len() <= 253
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !valid {
+                return Err(bad(
+                    "node-name",
+                    format!("'{name}' is not a Kubernetes node name"),
+                ));
+            }
+        }
+        if self.require_node_claim && node_name.is_none() {
+            return Err(bad(
+                "require-node-claim",
+                "needs --node-name (env NODE_NAME)",
+            ));
+        }
         let max_retention: Duration = self.max_credential_retention_before_renewal.into();
         let idle_timeout: Duration = self.idle_timeout.into();
         if !self.max_service_qps.is_finite() {
@@ -753,6 +781,8 @@ impl ServerArgs {
                 .rotate_credentials
                 .then_some(self.rotate_credentials_interval),
             allow_insecure_key_source: self.allow_insecure_key_source,
+            node_name,
+            require_node_claim: self.require_node_claim,
         })
     }
 }
@@ -835,6 +865,8 @@ impl Default for Config {
             static_upstream_credentials: None,
             rotate_credentials: None,
             allow_insecure_key_source: false,
+            node_name: None,
+            require_node_claim: false,
         }
     }
 }

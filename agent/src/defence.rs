@@ -55,6 +55,7 @@ defences! {
     PerSourceLimit => "per-source-limit",
     SendTimeout => "send-timeout",
     AdminLimits => "admin-limits",
+    NodeBinding => "node-binding",
 }
 
 impl Defence {

@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::attest::{AttestError, NodeBinding};
 use crate::cache::{CacheError, CredentialCache};
 use crate::defence::{self, Defence};
 use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
@@ -47,6 +48,8 @@ pub struct AppState {
     pub limiter: RequestLimiter,
     /// Refusal log lines, limited per reason.
     pub refusal_logs: LogLimiter,
+    /// `--node-name`: tokens bound to another node are refused.
+    pub node: NodeBinding,
 }
 
 /// Addresses the agent is bound to, as the Host header may name them.
@@ -117,6 +120,8 @@ pub enum ApiError {
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
+    Attest(#[from] AttestError),
+    #[error(transparent)]
     Cache(#[from] CacheError),
 }
 
@@ -129,6 +134,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "MethodNotAllowed".into(), None),
             ApiError::BadRequest(code, _) => (S::BAD_REQUEST, (*code).into(), None),
             ApiError::HostNotAllowed => (S::FORBIDDEN, "HostNotAllowed".into(), None),
+            ApiError::Attest(e) => (S::FORBIDDEN, e.code().into(), None),
             ApiError::RateLimited {
                 retry_after_secs, ..
             } => (
@@ -284,6 +290,7 @@ pub async fn handle(
             let (status, code, _) = err.classify();
             match &err {
                 ApiError::Token(e) => state.metrics.token_rejected(e.code()),
+                ApiError::Attest(e) => state.metrics.token_rejected(e.code()),
                 ApiError::RateLimited { limited, .. } => {
                     state.metrics.rate_limited(limited.scope())
                 }
@@ -388,6 +395,7 @@ async fn credentials(
         }
     };
     let identity = state.verifier.verify(token).await?;
+    state.node.check(&identity)?;
     Ok(state.cache.get(&identity).await?)
 }
 

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod associations;
+pub mod attest;
 pub mod cache;
 pub mod config;
 pub mod copy;
@@ -258,6 +259,7 @@ impl Startup {
                 config.limits.global_burst,
             ),
             refusal_logs: LogLimiter::default(),
+            node: attest::NodeBinding::new(config.node_name.clone(), config.require_node_claim),
         });
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");

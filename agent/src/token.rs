@@ -86,6 +86,8 @@ pub struct VerifiedClaims {
     pub service_account: String,
     pub pod_name: Option<String>,
     pub pod_uid: Option<String>,
+    /// `kubernetes.io.node.name`: the node the pod was bound to (Kubernetes 1.30 and later).
+    pub node_name: Option<String>,
     /// The token's `aud` values (the STS backend checks an association's audience).
     pub audiences: Vec<String>,
 }
@@ -162,6 +164,7 @@ struct KubernetesClaims {
     namespace: Option<String>,
     pod: Option<NameUid>,
     serviceaccount: Option<NameUid>,
+    node: Option<NameUid>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +448,11 @@ fn kubernetes_identity(claims: &Claims) -> Result<VerifiedClaims, TokenError> {
         service_account,
         pod_name: pod.and_then(|p| p.name.clone()).filter(|s| !s.is_empty()),
         pod_uid: pod.and_then(|p| p.uid.clone()).filter(|s| !s.is_empty()),
+        node_name: k8s
+            .node
+            .as_ref()
+            .and_then(|n| n.name.clone())
+            .filter(|s| !s.is_empty()),
         audiences: match &claims.aud {
             Some(Audience::One(a)) => vec![a.clone()],
             Some(Audience::Many(list)) => list.clone(),

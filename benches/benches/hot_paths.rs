@@ -118,6 +118,7 @@ fn identity(issuer: &Issuer, pod: &Pod) -> Identity {
             service_account: pod.service_account.clone(),
             pod_name: Some(pod.name.clone()),
             pod_uid: Some(pod.uid.clone()),
+            node_name: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
         }),
         expires_at: Some(SystemTime::now() + Duration::from_secs(24 * 3600)),

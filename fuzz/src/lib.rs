@@ -207,6 +207,7 @@ impl Upstreams {
                 service_account: "app".into(),
                 pod_name: Some("app-0".into()),
                 pod_uid: Some("0b7f6c1e-3c55-4a44-9d0e-8a1f2b3c4d5e".into()),
+                node_name: None,
                 audiences: vec![AUDIENCE.into(), "sts.amazonaws.com".into()],
             }),
             expires_at: None,

@@ -232,6 +232,8 @@ pub struct TokenBuilder {
     expires_at: i64,
     subject: Option<String>,
     kubernetes_claims: bool,
+    /// `kubernetes.io.node.name`, as Kubernetes 1.30 and later put in pod-bound tokens.
+    node: Option<String>,
     kid: Option<Option<String>>,
     jti: String,
 }
@@ -248,6 +250,7 @@ impl TokenBuilder {
             expires_at: now + DEFAULT_TOKEN_LIFETIME.as_secs() as i64,
             subject: None,
             kubernetes_claims: true,
+            node: None,
             kid: None,
             // Unique per token, so two tokens for one pod always differ.
             jti: random_uuid(),
@@ -301,6 +304,12 @@ impl TokenBuilder {
         self
     }
 
+    /// Bind the token to a node (`kubernetes.io.node`), as Kubernetes 1.30 and later do.
+    pub fn node(mut self, name: impl Into<String>) -> Self {
+        self.node = Some(name.into());
+        self
+    }
+
     /// Put this `kid` in the header instead of the signing key's.
     pub fn kid(mut self, kid: impl Into<String>) -> Self {
         self.kid = Some(Some(kid.into()));
@@ -332,6 +341,12 @@ impl TokenBuilder {
                     "uid": self.pod.service_account_uid,
                 },
             });
+            if let Some(node) = &self.node {
+                claims["kubernetes.io"]["node"] = json!({
+                    "name": node,
+                    "uid": format!("node-uid-{node}"),
+                });
+            }
         }
         claims
     }

@@ -81,6 +81,14 @@ fn bad_flags_exit_64_naming_the_flag() {
         ),
         (&["--cluster-name", "c", "-v", "loud"], "--verbosity"),
         (
+            &["--cluster-name", "c", "--require-node-claim"],
+            "--require-node-claim",
+        ),
+        (
+            &["--cluster-name", "c", "--node-name", "Node_A"],
+            "--node-name",
+        ),
+        (
             &["--cluster-name", "c", "--max-cache-size", "lots"],
             "--max-cache-size",
         ),

@@ -614,3 +614,60 @@ async fn the_key_set_age_is_exported() {
         Some(0.0)
     );
 }
+
+/// A token names the node its pod runs on (Kubernetes 1.30+): presented to another node's
+/// agent, it was copied out of its pod, and is refused with no upstream call. Tokens without
+/// the claim (older clusters) pass unless `--require-node-claim`.
+#[tokio::test]
+async fn tokens_bound_to_another_node_are_refused() {
+    let bed = TestBed::builder()
+        .args(["--node-name", "node-a"])
+        .start()
+        .await;
+    let pod = pod();
+    let here = bed
+        .agent
+        .fetch_credentials(&pod.token().node("node-a").sign(&bed.keys.rsa))
+        .await;
+    assert_eq!(here.status, 200, "{here:?}");
+    let calls = bed.upstream.calls();
+    let elsewhere = bed
+        .agent
+        .fetch_credentials(&pod.token().node("node-b").sign(&bed.keys.rsa))
+        .await;
+    assert_eq!(elsewhere.status, 403, "{elsewhere:?}");
+    assert_eq!(elsewhere.json_str("code").as_deref(), Some("WrongNode"));
+    assert_eq!(bed.upstream.calls(), calls, "no upstream call");
+    let unbound = bed
+        .agent
+        .fetch_credentials(&pod.token().sign(&bed.keys.rsa))
+        .await;
+    assert_eq!(
+        unbound.status, 200,
+        "no node claim, not required: {unbound:?}"
+    );
+    let text = bed.agent.metrics_text().await;
+    assert_eq!(
+        proto_tests::metrics::value(
+            &text,
+            "pod_identity_agent_token_rejections_total{reason=\"WrongNode\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    let strict = TestBed::builder()
+        .args(["--node-name", "node-a", "--require-node-claim"])
+        .start()
+        .await;
+    let unbound = strict
+        .agent
+        .fetch_credentials(&pod.token().sign(&strict.keys.rsa))
+        .await;
+    assert_eq!(unbound.status, 403, "{unbound:?}");
+    assert_eq!(
+        unbound.json_str("code").as_deref(),
+        Some("NodeClaimMissing")
+    );
+    assert_eq!(strict.upstream.calls(), 0);
+}

@@ -74,6 +74,7 @@ fn identity(token: &str, sa: &str, uid: Option<&str>) -> Identity {
             service_account: sa.into(),
             pod_name: uid.map(|u| format!("pod-{u}")),
             pod_uid: uid.map(Into::into),
+            node_name: None,
             audiences: vec!["pods.eks.amazonaws.com".into()],
         }),
         expires_at: Some(SystemTime::now() + 24 * HOUR),

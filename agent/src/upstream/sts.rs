@@ -260,6 +260,7 @@ mod tests {
                 service_account: "sa".into(),
                 pod_name: pod.map(Into::into),
                 pod_uid: uid.map(Into::into),
+                node_name: None,
                 audiences: vec!["sts.amazonaws.com".into()],
             }),
             expires_at: None,
