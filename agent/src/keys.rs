@@ -79,8 +79,11 @@ impl KeySet {
         if doc.len() > MAX_DOCUMENT_BYTES {
             return Err(KeysError::Invalid("document is larger than 1 MiB".into()));
         }
-        let list = json_field(doc, "JWKS document", "keys array", |v| {
-            v.get("keys")?.as_array().cloned()
+        let list = json_field(doc, "JWKS document", "keys array", |mut v| {
+            match v.get_mut("keys")?.take() {
+                serde_json::Value::Array(list) => Some(list),
+                _ => None,
+            }
         })?;
         let mut keys = Vec::new();
         for entry in list.iter().take(MAX_KEYS) {
@@ -650,11 +653,11 @@ fn json_field<T>(
     doc: &[u8],
     what: &str,
     field: &str,
-    pick: impl FnOnce(&serde_json::Value) -> Option<T>,
+    pick: impl FnOnce(serde_json::Value) -> Option<T>,
 ) -> Result<T, KeysError> {
     let value: serde_json::Value = serde_json::from_slice(doc)
         .map_err(|e| KeysError::Invalid(format!("{what} is not JSON: {e}")))?;
-    pick(&value).ok_or_else(|| KeysError::Invalid(format!("{what} has no {field}")))
+    pick(value).ok_or_else(|| KeysError::Invalid(format!("{what} has no {field}")))
 }
 
 /// The `jwks_uri` of an OIDC discovery document: an http(s) URL, or an error saying why not.

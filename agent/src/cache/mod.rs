@@ -455,12 +455,13 @@ impl CredentialCache {
         let now = Instant::now();
         let throttled = matches!(&result, Err(e) if e.kind == FailureKind::Throttled);
         let caching = self.settings.caching();
-        let (served, next, outcome) = {
+        let (served, next, outcome, generation) = {
             let mut state = slot.lock();
             state.inflight = None;
             state.refreshing = false;
             state.generation += 1;
-            match result {
+            let generation = state.generation;
+            let (served, next, outcome) = match result {
                 Ok(creds) if caching => {
                     let cached = Cached::new(creds.clone(), now, self.settings.max_retention);
                     let at = cached.refresh_at;
@@ -512,9 +513,9 @@ impl CredentialCache {
                         (Err(e), next, Outcome::Failed)
                     }
                 },
-            }
+            };
+            (served, next, outcome, generation)
         };
-        let generation = slot.lock().generation;
         let _ = tx.send(Some(served));
         if origin == Origin::Refresh {
             self.metrics.refresh(outcome.label());

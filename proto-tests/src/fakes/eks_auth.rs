@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::{json, Value};
 
-use super::recorder::{RecordedCall, Recorder};
+use super::recorder::{recorded_fake, Recorder};
 use super::{json_response, serve_loopback, ServerGuard};
 use crate::keys::{self, DEFAULT_AUDIENCE};
 
@@ -141,21 +141,7 @@ pub struct FakeEksAuth {
     _server: Arc<ServerGuard>,
 }
 
-impl RecordedCall for UpstreamCall {
-    fn pod_uid(&self) -> Option<&str> {
-        self.pod_uid.as_deref()
-    }
-}
-
-/// The calls and credentials the fake recorded: `calls()`, `call_log()`, `issued()`,
-/// `wait_for_calls()` and the rest of [`Recorder`].
-impl std::ops::Deref for FakeEksAuth {
-    type Target = Recorder<UpstreamCall>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.shared.recorder
-    }
-}
+recorded_fake!(FakeEksAuth, UpstreamCall);
 
 impl FakeEksAuth {
     /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the

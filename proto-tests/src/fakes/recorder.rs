@@ -135,3 +135,25 @@ impl<C: RecordedCall> Recorder<C> {
         self.lock().issued.len() >= n
     }
 }
+
+/// A fake's calls carry the pod they were made for, and the fake reads as its [`Recorder`]
+/// (`calls()`, `call_log()`, `issued()`, `wait_for_calls()`...). The fake keeps its recorder
+/// in `self.shared.recorder`.
+macro_rules! recorded_fake {
+    ($fake:ty, $call:ty) => {
+        impl $crate::fakes::recorder::RecordedCall for $call {
+            fn pod_uid(&self) -> Option<&str> {
+                self.pod_uid.as_deref()
+            }
+        }
+
+        impl std::ops::Deref for $fake {
+            type Target = $crate::fakes::recorder::Recorder<$call>;
+
+            fn deref(&self) -> &Self::Target {
+                &self.shared.recorder
+            }
+        }
+    };
+}
+pub(crate) use recorded_fake;

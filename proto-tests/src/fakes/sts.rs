@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::Value;
 
-use super::recorder::{RecordedCall, Recorder};
+use super::recorder::{recorded_fake, Recorder};
 use super::{serve_loopback, CredentialIssuer, ServerGuard};
 use crate::assertions::format_rfc3339_utc;
 use crate::fakes::eks_auth::IssuedCredentials;
@@ -216,21 +216,7 @@ pub struct FakeSts {
     _server: Arc<ServerGuard>,
 }
 
-impl RecordedCall for StsCall {
-    fn pod_uid(&self) -> Option<&str> {
-        self.pod_uid.as_deref()
-    }
-}
-
-/// The calls and credentials the fake recorded: `calls()`, `call_log()`, `issued()`,
-/// `wait_for_calls()` and the rest of [`Recorder`].
-impl std::ops::Deref for FakeSts {
-    type Target = Recorder<StsCall>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.shared.recorder
-    }
-}
+recorded_fake!(FakeSts, StsCall);
 
 impl FakeSts {
     /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the
