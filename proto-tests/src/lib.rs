@@ -8,7 +8,10 @@
 //! - [`fakes::sts`]: STS `AssumeRoleWithWebIdentity` (Query protocol, XML),
 //!   for the agent's sts backend, with the same counters and faults;
 //! - [`fakes::moto`]: moto's standalone server, a third-party STS emulator;
-//! - [`fakes::jwks`]: a JWKS document and OIDC discovery endpoint.
+//! - [`fakes::jwks`]: a JWKS document and OIDC discovery endpoint;
+//! - [`fakes::kube_api`]: a Kubernetes API server (TLS, bearer token, kubeconfig) serving
+//!   pods to list, watch and GET the way kube-apiserver does, with outages, lagging
+//!   watches and compaction as switches.
 //!
 //! The sts backend reads an associations file, written by [`associations`].
 //!
@@ -36,6 +39,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use associations::Association;
 pub use fakes::eks_auth::{FakeEksAuth, Fault, IssuedCredentials};
 pub use fakes::jwks::FakeJwks;
+pub use fakes::kube_api::{FakeKubeApi, KubePod};
 pub use fakes::moto::Moto;
 pub use fakes::sts::{FakeSts, StsFault};
 pub use keys::{Pod, SigningKey, TestKeys, TokenBuilder};

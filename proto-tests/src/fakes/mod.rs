@@ -1,10 +1,12 @@
 //! Wire-level fakes of the services the agent calls: real HTTP on loopback,
 //! real JSON or XML, so the agent's own clients (the AWS SDK, its JWKS
 //! fetcher) are exercised unmodified. [`moto`] runs a third-party emulator
-//! instead, as a second opinion on the STS wire format.
+//! instead, as a second opinion on the STS wire format. [`kube_api`] is
+//! checked against `kubectl`, a real client of the API it fakes.
 
 pub mod eks_auth;
 pub mod jwks;
+pub mod kube_api;
 pub mod moto;
 pub mod recorder;
 pub mod sts;

@@ -123,6 +123,14 @@ impl<C: RecordedCall> Recorder<C> {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Wait until `done` holds for the calls received so far; false on timeout.
+    pub async fn wait_until(&self, timeout: Duration, done: impl Fn(&[C]) -> bool) -> bool {
+        let mut rx = self.received.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|_| done(&self.lock().calls)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Wait until at least `n` credentials have been issued; false on timeout.
     pub async fn wait_for_issued(&self, n: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
