@@ -61,6 +61,8 @@ TABLE = {
     "send-timeout": ("abuse", "a_client_that_never_reads_is_disconnected_after_the_send_timeout"),
     "admin-limits": ("abuse", "the_metrics_port_survives_a_connection_flood"),
     "node-binding": ("security", "tokens_bound_to_another_node_are_refused"),
+    "caller-attestation": ("attestation", "a_pods_token_is_served_only_to_that_pod"),
+    "pod-deletion-forgets": ("attestation", "a_deleted_pods_cached_credentials_are_dropped_at_once"),
 }
 
 

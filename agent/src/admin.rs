@@ -17,11 +17,14 @@ use hyper::{Request, Response, StatusCode};
 use crate::cache::CredentialCache;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
+use crate::pods::NodePods;
 
 /// What readiness depends on.
 pub struct Readiness {
     pub listeners_bound: AtomicBool,
     pub keys: Option<Arc<KeyStore>>,
+    /// `--caller-attestation pod`: the node's pod set.
+    pub pods: Option<Arc<NodePods>>,
 }
 
 impl Readiness {
@@ -32,6 +35,9 @@ impl Readiness {
         }
         if self.keys.as_ref().is_some_and(|k| !k.is_loaded()) {
             return Err("verification keys are not loaded");
+        }
+        if self.pods.as_ref().is_some_and(|p| !p.is_synced()) {
+            return Err("this node's pods have not been listed from the Kubernetes API yet (caller attestation)");
         }
         Ok(())
     }
@@ -81,6 +87,12 @@ pub async fn handle(
                     .metrics
                     .key_set_age
                     .set(keys.age().map_or(f64::NAN, |a| a.as_secs_f64()));
+            }
+            if let Some(pods) = &state.readiness.pods {
+                state
+                    .metrics
+                    .pod_watch_staleness
+                    .set(pods.staleness().map_or(f64::NAN, |a| a.as_secs_f64()));
             }
             text(
                 StatusCode::OK,

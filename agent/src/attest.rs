@@ -1,8 +1,17 @@
-//! What binds a verified token to this node. Since Kubernetes 1.30 a pod-bound token names the
-//! node its pod was scheduled to (`kubernetes.io.node.name`, KEP-4193); a token naming another
-//! node was copied out of its pod, and is refused here before anything goes upstream.
+//! What binds a verified token to this node and to its caller, checked before anything goes
+//! upstream.
+//!
+//! - Node: since Kubernetes 1.30 a pod-bound token names the node its pod was scheduled to
+//!   (`kubernetes.io.node.name`, KEP-4193); a token naming another node was copied out of its
+//!   pod.
+//! - Caller (`--caller-attestation pod`): the token's pod is a live pod of this node and the
+//!   connection comes from one of its IPs ([`crate::pods`]).
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::defence::{self, Defence};
+use crate::pods::{NodePods, Refusal};
 use crate::token::Identity;
 
 /// `--node-name` and `--require-node-claim`.
@@ -18,6 +27,10 @@ pub enum AttestError {
     WrongNode,
     #[error("the token names no node, and this agent requires it to (--require-node-claim)")]
     NodeClaimMissing,
+    #[error("the token names no pod, and this agent serves only callers it can match to a pod")]
+    PodClaimMissing,
+    #[error(transparent)]
+    Caller(#[from] Refusal),
 }
 
 impl AttestError {
@@ -25,7 +38,45 @@ impl AttestError {
         match self {
             AttestError::WrongNode => "WrongNode",
             AttestError::NodeClaimMissing => "NodeClaimMissing",
+            AttestError::PodClaimMissing => "PodClaimMissing",
+            AttestError::Caller(r) => r.code(),
         }
+    }
+
+    /// Refusals that go away by themselves (503 with `Retry-After`, not 403).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AttestError::Caller(r) if r.is_transient())
+    }
+}
+
+/// Every check of this module, in order: node, then caller.
+#[derive(Default)]
+pub struct Attestation {
+    pub node: NodeBinding,
+    /// `--caller-attestation pod`: the node's pods.
+    pub pods: Option<Arc<NodePods>>,
+}
+
+impl Attestation {
+    pub async fn check(&self, identity: &Identity, peer: IpAddr) -> Result<(), AttestError> {
+        self.node.check(identity)?;
+        let Some(pods) = &self.pods else {
+            return Ok(());
+        };
+        if !defence::on(Defence::CallerAttestation) {
+            return Ok(());
+        }
+        // Only verified claims name a pod the agent can trust; without local verification
+        // the configuration refuses this mode.
+        let Some(claims) = &identity.verified else {
+            return Err(AttestError::PodClaimMissing);
+        };
+        let Some(uid) = &claims.pod_uid else {
+            return Err(AttestError::PodClaimMissing);
+        };
+        pods.check(uid, &claims.namespace, claims.pod_name.as_deref(), peer)
+            .await?;
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! opened, as one line naming the flag, with exit code 64 (`EX_USAGE`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -150,6 +150,16 @@ pub enum CacheScope {
 pub enum BackendKind {
     EksAuth,
     Sts,
+}
+
+/// `--caller-attestation`: what a caller must prove besides holding a valid token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum CallerAttestation {
+    /// Nothing: a token is a bearer credential.
+    #[default]
+    Off,
+    /// The token's pod is a live pod of this node and the connection comes from it.
+    Pod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -333,6 +343,15 @@ pub struct ServerArgs {
     /// Also refuse tokens without a node claim (clusters before Kubernetes 1.30 issue those).
     #[arg(long, env = "POD_IDENTITY_AGENT_REQUIRE_NODE_CLAIM")]
     pub require_node_claim: bool,
+    /// `pod`: serve a token only to its own pod, a running pod of this node calling from one
+    /// of its IPs (the node's pods come from the Kubernetes API; needs --node-name).
+    #[arg(
+        long,
+        env = "POD_IDENTITY_AGENT_CALLER_ATTESTATION",
+        value_enum,
+        default_value = "off"
+    )]
+    pub caller_attestation: CallerAttestation,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long, env = "POD_IDENTITY_AGENT_ALLOW_INSECURE_KEY_SOURCE")]
@@ -384,52 +403,18 @@ pub enum KeySource {
     Url(Uri),
     /// OIDC discovery from the issuer.
     Discovery(Uri),
-    /// The API server of the cluster the agent runs in, with the pod's service account.
-    InCluster(InCluster),
+    /// The Kubernetes API server the agent's client finds (`KUBECONFIG`, or the pod's
+    /// service account): `/.well-known/openid-configuration` and `/openid/v1/jwks`.
+    KubernetesApi,
 }
 
-/// The in-cluster API server and the mounted service-account credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InCluster {
-    /// `https://<KUBERNETES_SERVICE_HOST>:<KUBERNETES_SERVICE_PORT>`.
-    pub api: String,
-    pub token_file: PathBuf,
-    pub ca_file: PathBuf,
-}
-
-/// Where Kubernetes mounts a pod's service-account token and CA.
-const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-impl InCluster {
-    /// The API server this process can reach as a pod, if it runs in one: the
-    /// `KUBERNETES_SERVICE_*` variables the kubelet sets and a mounted service-account token
-    /// (`POD_IDENTITY_AGENT_SERVICE_ACCOUNT_DIR` overrides the mount point).
-    pub fn detect() -> Option<InCluster> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())?;
-        let port = std::env::var("KUBERNETES_SERVICE_PORT")
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| "443".into());
-        let dir = std::env::var_os("POD_IDENTITY_AGENT_SERVICE_ACCOUNT_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR));
-        let token_file = dir.join("token");
-        if !token_file.is_file() {
-            return None;
-        }
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host
-        };
-        Some(InCluster {
-            api: format!("https://{host}:{port}"),
-            token_file,
-            ca_file: dir.join("ca.crt"),
-        })
-    }
+/// True when the environment names a Kubernetes API server, as `kube::Config::infer` looks
+/// for one: `KUBECONFIG`, or the variables and service-account mount of a pod.
+pub fn kubernetes_api_in_environment() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    set("KUBECONFIG")
+        || (set("KUBERNETES_SERVICE_HOST")
+            && Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file())
 }
 
 /// Static credentials for the agent's own upstream calls, used by `dev` only; the daemon takes
@@ -487,6 +472,7 @@ pub struct Config {
     pub allow_insecure_key_source: bool,
     pub node_name: Option<String>,
     pub require_node_claim: bool,
+    pub caller_attestation: CallerAttestation,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -564,7 +550,7 @@ impl ServerArgs {
                 if self.jwks_file.is_none()
                     && self.jwks_url.is_none()
                     && self.issuer.is_none()
-                    && InCluster::detect().is_none()
+                    && !kubernetes_api_in_environment()
                 {
                     return Err(bad(
                         "backend",
@@ -657,7 +643,10 @@ impl ServerArgs {
                     "issuer",
                     parse_http_url("issuer", iss)?,
                 )?)),
-                None => InCluster::detect().map(KeySource::InCluster),
+                // Caller attestation talks to the API server anyway: its keys come from there.
+                None => (self.caller_attestation == CallerAttestation::Pod
+                    || kubernetes_api_in_environment())
+                .then_some(KeySource::KubernetesApi),
             },
         };
         if matches!(key_source, Some(KeySource::File(_) | KeySource::Url(_)))
@@ -695,6 +684,12 @@ impl ServerArgs {
             return Err(bad(
                 "require-node-claim",
                 "needs --node-name (env NODE_NAME)",
+            ));
+        }
+        if self.caller_attestation == CallerAttestation::Pod && node_name.is_none() {
+            return Err(bad(
+                "caller-attestation",
+                "pod needs --node-name (env NODE_NAME): the agent watches the pods of its node",
             ));
         }
         let max_retention: Duration = self.max_credential_retention_before_renewal.into();
@@ -783,6 +778,7 @@ impl ServerArgs {
             allow_insecure_key_source: self.allow_insecure_key_source,
             node_name,
             require_node_claim: self.require_node_claim,
+            caller_attestation: self.caller_attestation,
         })
     }
 }
@@ -867,6 +863,7 @@ impl Default for Config {
             allow_insecure_key_source: false,
             node_name: None,
             require_node_claim: false,
+            caller_attestation: CallerAttestation::Off,
         }
     }
 }

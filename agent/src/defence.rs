@@ -56,6 +56,8 @@ defences! {
     SendTimeout => "send-timeout",
     AdminLimits => "admin-limits",
     NodeBinding => "node-binding",
+    CallerAttestation => "caller-attestation",
+    PodDeletionForgets => "pod-deletion-forgets",
 }
 
 impl Defence {

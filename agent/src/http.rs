@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::attest::{AttestError, NodeBinding};
+use crate::attest::{AttestError, Attestation};
 use crate::cache::{CacheError, CredentialCache};
 use crate::defence::{self, Defence};
 use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
@@ -48,8 +48,9 @@ pub struct AppState {
     pub limiter: RequestLimiter,
     /// Refusal log lines, limited per reason.
     pub refusal_logs: LogLimiter,
-    /// `--node-name`: tokens bound to another node are refused.
-    pub node: NodeBinding,
+    /// `--node-name` and `--caller-attestation`: tokens bound to another node, and callers
+    /// that are not the token's pod, are refused.
+    pub attest: Attestation,
 }
 
 /// Addresses the agent is bound to, as the Host header may name them.
@@ -134,6 +135,11 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "MethodNotAllowed".into(), None),
             ApiError::BadRequest(code, _) => (S::BAD_REQUEST, (*code).into(), None),
             ApiError::HostNotAllowed => (S::FORBIDDEN, "HostNotAllowed".into(), None),
+            ApiError::Attest(e) if e.is_transient() => (
+                S::SERVICE_UNAVAILABLE,
+                e.code().into(),
+                Some(RETRY_AFTER_SECS),
+            ),
             ApiError::Attest(e) => (S::FORBIDDEN, e.code().into(), None),
             ApiError::RateLimited {
                 retry_after_secs, ..
@@ -395,7 +401,7 @@ async fn credentials(
         }
     };
     let identity = state.verifier.verify(token).await?;
-    state.node.check(&identity)?;
+    state.attest.check(&identity, peer.ip()).await?;
     Ok(state.cache.get(&identity).await?)
 }
 

@@ -175,25 +175,33 @@ pub struct KeyStore {
     confirmed_at: std::sync::Mutex<Option<Instant>>,
     /// A discovery document may point at plain http beyond loopback.
     allow_insecure: bool,
+    /// The agent's Kubernetes client ([`KeySource::KubernetesApi`]).
+    kube: Option<kube::Client>,
 }
 
 impl KeyStore {
     pub fn new(source: KeySource, metrics: Metrics) -> Result<Arc<KeyStore>, KeysError> {
-        Self::with_policy(source, metrics, false)
+        Self::with_policy(source, metrics, false, None)
     }
 
     /// [`KeyStore::new`], saying whether a discovered `jwks_uri` may be plain http beyond
-    /// loopback (`--allow-insecure-key-source`).
+    /// loopback (`--allow-insecure-key-source`), with the agent's Kubernetes client for
+    /// [`KeySource::KubernetesApi`].
     pub fn with_policy(
         source: KeySource,
         metrics: Metrics,
         allow_insecure: bool,
+        kube: Option<kube::Client>,
     ) -> Result<Arc<KeyStore>, KeysError> {
         let http = match &source {
-            KeySource::File(_) => None,
+            KeySource::File(_) | KeySource::KubernetesApi => None,
             KeySource::Url(_) | KeySource::Discovery(_) => Some(HttpFetcher::new()?),
-            KeySource::InCluster(c) => Some(HttpFetcher::with_ca(&c.ca_file)?),
         };
+        if matches!(source, KeySource::KubernetesApi) && kube.is_none() {
+            return Err(KeysError::Invalid(
+                "keys from the Kubernetes API need a Kubernetes client".into(),
+            ));
+        }
         let (loaded_tx, _) = watch::channel(false);
         Ok(Arc::new(KeyStore {
             source: Some(source),
@@ -206,6 +214,7 @@ impl KeyStore {
             discovered_issuer: RwLock::new(None),
             confirmed_at: std::sync::Mutex::new(None),
             allow_insecure,
+            kube,
         }))
     }
 
@@ -237,6 +246,7 @@ impl KeyStore {
             discovered_issuer: RwLock::new(None),
             confirmed_at: std::sync::Mutex::new(Some(Instant::now())),
             allow_insecure: false,
+            kube: None,
         })
     }
 
@@ -327,7 +337,7 @@ impl KeyStore {
         match &self.source {
             Some(KeySource::File(p)) => p.display().to_string(),
             Some(KeySource::Url(u) | KeySource::Discovery(u)) => u.to_string(),
-            Some(KeySource::InCluster(c)) => format!("{}/openid/v1/jwks", c.api),
+            Some(KeySource::KubernetesApi) => "the Kubernetes API server's /openid/v1/jwks".into(),
             None => "fixed".into(),
         }
     }
@@ -337,7 +347,7 @@ impl KeyStore {
         match &self.source {
             Some(KeySource::File(path)) => KeySet::from_jwks(&read_bounded(path).await?),
             Some(KeySource::Url(uri)) => KeySet::from_jwks(&http()?.get(uri).await?),
-            Some(KeySource::InCluster(c)) => self.load_in_cluster(http()?, c).await,
+            Some(KeySource::KubernetesApi) => self.load_from_api().await,
             Some(KeySource::Discovery(issuer)) => {
                 let jwks_uri = self.discover(http()?, issuer).await?;
                 KeySet::from_jwks(&http()?.get(&jwks_uri).await?)
@@ -346,33 +356,19 @@ impl KeyStore {
         }
     }
 
-    /// The API server's own key set, `/openid/v1/jwks`, read with the pod's service-account
-    /// token (re-read each time: the kubelet rotates it) and checked against the mounted CA.
-    /// The discovery document's `issuer` becomes the expected `iss` unless `--issuer` is set.
-    async fn load_in_cluster(
-        &self,
-        http: &HttpFetcher,
-        c: &crate::config::InCluster,
-    ) -> Result<KeySet, KeysError> {
-        let token = tokio::fs::read_to_string(&c.token_file)
-            .await
-            .map_err(|e| KeysError::Read(c.token_file.display().to_string(), e.to_string()))?;
-        let bearer = Some(token.trim());
-        let parse = |path: &str| -> Result<Uri, KeysError> {
-            format!("{}{path}", c.api)
-                .parse()
-                .map_err(|_| KeysError::Invalid(format!("bad API server URL {}", c.api)))
-        };
-        let discovery = http
-            .get_with(&parse("/.well-known/openid-configuration")?, bearer)
-            .await?;
+    /// The API server's own key set, `/openid/v1/jwks`, read through the agent's Kubernetes
+    /// client (the credentials and CA it was configured with). The discovery document's
+    /// `issuer` becomes the expected `iss` unless `--issuer` is set.
+    async fn load_from_api(&self) -> Result<KeySet, KeysError> {
+        let client = self.kube.as_ref().ok_or(KeysError::NotLoaded)?;
+        let discovery = api_get(client, "/.well-known/openid-configuration").await?;
         let issuer = serde_json::from_slice::<serde_json::Value>(&discovery)
             .ok()
             .and_then(|v| v.get("issuer")?.as_str().map(str::to_owned));
         if let Ok(mut slot) = self.discovered_issuer.write() {
             *slot = issuer;
         }
-        KeySet::from_jwks(&http.get_with(&parse("/openid/v1/jwks")?, bearer).await?)
+        KeySet::from_jwks(&api_get(client, "/openid/v1/jwks").await?)
     }
 
     /// The issuer the API server announced (in-cluster discovery only).
@@ -433,7 +429,7 @@ impl KeyStore {
                     }
                     FILE_POLL_INTERVAL
                 }
-                KeySource::Url(_) | KeySource::Discovery(_) | KeySource::InCluster(_) => {
+                KeySource::Url(_) | KeySource::Discovery(_) | KeySource::KubernetesApi => {
                     let reason = if self.is_loaded() { "poll" } else { "startup" };
                     match self.reload(reason).await {
                         Ok(_) => URL_POLL_INTERVAL,
@@ -482,35 +478,6 @@ impl HttpFetcher {
         ))
     }
 
-    /// HTTPS trusting only the CA certificates in `ca_file` (the cluster's CA).
-    fn with_ca(ca_file: &Path) -> Result<HttpFetcher, KeysError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let err = |e: String| KeysError::Read(ca_file.display().to_string(), e);
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))? {
-            roots
-                .add(cert.map_err(|e| err(e.to_string()))?)
-                .map_err(|e| err(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(err("no CA certificate in the file".into()));
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| err(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self::from_connector(
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(config)
-                .https_only()
-                .enable_http1()
-                .build(),
-        ))
-    }
-
     fn from_connector(connector: Connector) -> HttpFetcher {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -519,31 +486,46 @@ impl HttpFetcher {
     }
 
     async fn get(&self, uri: &Uri) -> Result<Vec<u8>, KeysError> {
-        self.get_with(uri, None).await
-    }
-
-    async fn get_with(&self, uri: &Uri, bearer: Option<&str>) -> Result<Vec<u8>, KeysError> {
         let err = |e: String| KeysError::Fetch(uri.to_string(), e);
-        let mut req =
-            hyper::Request::get(uri.clone()).header(hyper::header::ACCEPT, "application/json");
-        if let Some(token) = bearer {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let req = req.body(Empty::new()).map_err(|e| err(e.to_string()))?;
+        let req = hyper::Request::get(uri.clone())
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| err(e.to_string()))?;
         let resp = self
             .client
             .request(req)
             .await
             .map_err(|e| err(e.to_string()))?;
-        if resp.status() != hyper::StatusCode::OK {
-            return Err(err(format!("HTTP status {}", resp.status().as_u16())));
-        }
-        let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
-            .collect()
-            .await
-            .map_err(|e| err(format!("reading body: {e}")))?;
-        Ok(body.to_bytes().to_vec())
+        read_document(resp, &uri.to_string()).await
     }
+}
+
+/// The body of a 200 answer, at most [`MAX_DOCUMENT_BYTES`].
+async fn read_document<B>(resp: hyper::Response<B>, what: &str) -> Result<Vec<u8>, KeysError>
+where
+    B: hyper::body::Body,
+    B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let err = |e: String| KeysError::Fetch(what.to_owned(), e);
+    if resp.status() != hyper::StatusCode::OK {
+        return Err(err(format!("HTTP status {}", resp.status().as_u16())));
+    }
+    let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
+        .collect()
+        .await
+        .map_err(|e| err(format!("reading body: {e}")))?;
+    Ok(body.to_bytes().to_vec())
+}
+
+/// GET `path` from the API server, at most [`MAX_DOCUMENT_BYTES`].
+async fn api_get(client: &kube::Client, path: &str) -> Result<Vec<u8>, KeysError> {
+    let err = |e: String| KeysError::Fetch(path.to_owned(), e);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(kube::client::Body::from(Vec::new()))
+        .map_err(|e| err(e.to_string()))?;
+    let resp = client.send(req).await.map_err(|e| err(e.to_string()))?;
+    read_document(resp, path).await
 }
 
 /// Key generation and token signing, for the demo and tests. The agent never signs tokens in

@@ -17,10 +17,12 @@ pub mod defence;
 pub mod dev;
 pub mod http;
 pub mod keys;
+pub mod kube_api;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
+pub mod pods;
 pub mod server;
 pub mod shutdown;
 pub mod token;
@@ -38,12 +40,14 @@ use tokio::task::JoinSet;
 use crate::admin::{AdminState, Readiness};
 use crate::associations::AssociationStore;
 use crate::cache::{CacheSettings, CredentialCache};
-use crate::config::{BackendKind, Config, ConfigError};
+use crate::config::{BackendKind, CallerAttestation, Config, ConfigError, KeySource};
 use crate::defence::Defence;
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
+use crate::kube_api::LastContact;
 use crate::limits::{LogLimiter, RequestLimiter};
 use crate::metrics::Metrics;
+use crate::pods::NodePods;
 use crate::token::Verifier;
 use crate::upstream::eks_auth::EksAuth;
 use crate::upstream::sts::Sts;
@@ -97,10 +101,14 @@ impl Agent {
             tasks: JoinSet::new(),
         };
         let backend = run.backend(&config).await?;
-        let keys = run.key_store(&config)?;
+        let kube = run.kube_client(&config).await?;
+        let keys = run.key_store(&config, kube.as_ref().map(|(c, _)| c.clone()))?;
         let cache = run.cache(&config, backend);
-        let credential_addrs = run.serve_credentials(&config, &keys, &cache).await?;
-        let (probe_addr, metrics_addr) = run.serve_admin(&config, keys, cache).await?;
+        let pods = run.node_pods(&config, kube, &cache);
+        let credential_addrs = run
+            .serve_credentials(&config, &keys, &cache, pods.clone())
+            .await?;
+        let (probe_addr, metrics_addr) = run.serve_admin(&config, keys, cache, pods).await?;
         Ok(Agent {
             credential_addrs,
             probe_addr,
@@ -152,15 +160,75 @@ impl Startup {
         })
     }
 
+    /// The Kubernetes client, when caller attestation or the key source needs the API server.
+    async fn kube_client(
+        &self,
+        config: &Config,
+    ) -> Result<Option<(kube::Client, Arc<LastContact>)>, StartError> {
+        let attesting = config.caller_attestation == CallerAttestation::Pod;
+        if !attesting && config.key_source != Some(KeySource::KubernetesApi) {
+            return Ok(None);
+        }
+        let contact = Arc::new(LastContact::default());
+        let client = kube_api::connect(self.metrics.clone(), contact.clone())
+            .await
+            .map_err(|e| {
+                ConfigError::new(
+                    if attesting {
+                        "caller-attestation"
+                    } else {
+                        "jwks-url"
+                    },
+                    e,
+                )
+            })?;
+        Ok(Some((client, contact)))
+    }
+
+    /// `--caller-attestation pod`: the node's pod watch (started now; requests get 503 until
+    /// its first list), which drops a gone pod's cache entries.
+    fn node_pods(
+        &self,
+        config: &Config,
+        kube: Option<(kube::Client, Arc<LastContact>)>,
+        cache: &Arc<CredentialCache>,
+    ) -> Option<Arc<NodePods>> {
+        if config.caller_attestation != CallerAttestation::Pod {
+            return None;
+        }
+        let ((client, contact), Some(node)) = (kube?, config.node_name.clone()) else {
+            return None;
+        };
+        let forget = Arc::downgrade(cache);
+        let pods = NodePods::new(
+            node,
+            client,
+            contact,
+            self.metrics.clone(),
+            Box::new(move |uid| {
+                if let Some(cache) = forget.upgrade() {
+                    cache.forget_pod(uid);
+                }
+            }),
+        );
+        tokio::spawn(pods.clone().run(self.shutdown_rx.clone()));
+        Some(pods)
+    }
+
     /// The verification keys and their background reload (the first load runs at once), or
     /// none, with a warning, when no key source is configured.
-    fn key_store(&self, config: &Config) -> Result<Option<Arc<KeyStore>>, StartError> {
+    fn key_store(
+        &self,
+        config: &Config,
+        kube: Option<kube::Client>,
+    ) -> Result<Option<Arc<KeyStore>>, StartError> {
         let keys = match &config.key_source {
             Some(source) => {
                 let store = KeyStore::with_policy(
                     source.clone(),
                     self.metrics.clone(),
                     config.allow_insecure_key_source,
+                    kube,
                 )
                 .map_err(|e| ConfigError::new("jwks-url", e.to_string()))?;
                 tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
@@ -226,6 +294,7 @@ impl Startup {
         config: &Config,
         keys: &Option<Arc<KeyStore>>,
         cache: &Arc<CredentialCache>,
+        pods: Option<Arc<NodePods>>,
     ) -> Result<Vec<SocketAddr>, StartError> {
         let listeners = server::bind_all(&config.credential_listeners, "credentials").await;
         if listeners.is_empty() {
@@ -259,7 +328,10 @@ impl Startup {
                 config.limits.global_burst,
             ),
             refusal_logs: LogLimiter::default(),
-            node: attest::NodeBinding::new(config.node_name.clone(), config.require_node_claim),
+            attest: attest::Attestation {
+                node: attest::NodeBinding::new(config.node_name.clone(), config.require_node_claim),
+                pods,
+            },
         });
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");
@@ -288,11 +360,13 @@ impl Startup {
         config: &Config,
         keys: Option<Arc<KeyStore>>,
         cache: Arc<CredentialCache>,
+        pods: Option<Arc<NodePods>>,
     ) -> Result<(SocketAddr, SocketAddr), StartError> {
         let admin = Arc::new(AdminState {
             readiness: Readiness {
                 listeners_bound: AtomicBool::new(false),
                 keys,
+                pods,
             },
             metrics: self.metrics.clone(),
             cache,

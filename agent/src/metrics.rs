@@ -55,6 +55,12 @@ pub struct Metrics {
     pub verification_enabled: Gauge,
     pub key_set_age: Gauge<f64, AtomicU64>,
     pub insecure_key_source: Gauge,
+    pub pods_known: Gauge,
+    pub pod_watch_synced: Gauge,
+    pub pod_watch_staleness: Gauge<f64, AtomicU64>,
+    pub pod_watch_errors: Counter,
+    pod_lookups: Family<Labels1, Counter>,
+    kubernetes_requests: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -226,6 +232,43 @@ impl Metrics {
             "1 when --allow-insecure-key-source lets keys come over plain http from beyond loopback",
             insecure_key_source.clone(),
         );
+        let pods_known = Gauge::default();
+        registry.register(
+            "pods_known",
+            "Running pods of this node known to caller attestation (--caller-attestation pod)",
+            pods_known.clone(),
+        );
+        let pod_watch_synced = Gauge::default();
+        registry.register(
+            "pod_watch_synced",
+            "1 once the node's pods have been listed; before that, credential requests get 503",
+            pod_watch_synced.clone(),
+        );
+        let pod_watch_staleness = Gauge::<f64, AtomicU64>::default();
+        pod_watch_staleness.set(f64::NAN);
+        registry.register(
+            "pod_watch_staleness_seconds",
+            "Seconds since the Kubernetes API server last sent the agent anything (list page, watch event or bookmark); NaN before the first",
+            pod_watch_staleness.clone(),
+        );
+        let pod_watch_errors = Counter::default();
+        registry.register(
+            "pod_watch_errors",
+            "Errors of the node's pod watch (each is retried with backoff)",
+            pod_watch_errors.clone(),
+        );
+        let pod_lookups = Family::<Labels1, Counter>::default();
+        registry.register(
+            "pod_lookups",
+            "Single-pod reads for pods the watch had not delivered, by result",
+            pod_lookups.clone(),
+        );
+        let kubernetes_requests = Family::<Labels1, Counter>::default();
+        registry.register(
+            "kubernetes_requests",
+            "Requests to the Kubernetes API server by kind (list, watch, get, keys, other)",
+            kubernetes_requests.clone(),
+        );
         let build_info = Family::<Labels1, Gauge>::default();
         registry.register("build_info", "Agent version", build_info.clone());
         build_info
@@ -259,6 +302,12 @@ impl Metrics {
             verification_enabled,
             key_set_age,
             insecure_key_source,
+            pods_known,
+            pod_watch_synced,
+            pod_watch_staleness,
+            pod_watch_errors,
+            pod_lookups,
+            kubernetes_requests,
         }
     }
 
@@ -287,6 +336,16 @@ impl Metrics {
     pub fn token_rejected(&self, reason: &'static str) {
         self.token_rejections
             .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn pod_lookup(&self, result: &'static str) {
+        self.pod_lookups.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn kubernetes_request(&self, kind: &'static str) {
+        self.kubernetes_requests
+            .get_or_create(&[("kind", kind)])
             .inc();
     }
 

@@ -1,5 +1,5 @@
 //! The per-request work of a cache hit, piece by piece, through the agent library's public
-//! API: token verification, the cache lookup, and encoding the response.
+//! API: token verification, caller attestation, the cache lookup, and encoding the response.
 //!
 //! `cargo bench -p benches --bench hot_paths`
 //!
@@ -9,17 +9,22 @@
 //! "repeat": the same token every time, which is what a pod's SDK sends until kubelet
 //! rotates it, and what that memory is for.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use benches::fake_upstream::fake_credentials;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use kube::runtime::watcher::Event;
+use pod_identity_agent::attest::{Attestation, NodeBinding};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
 use pod_identity_agent::config::{CacheScope, DEFAULT_AUDIENCE};
 use pod_identity_agent::http::credentials_response;
 use pod_identity_agent::keys::{KeySet, KeyStore};
 use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::pods::NodePods;
 use pod_identity_agent::token::{Identity, Token, VerifiedClaims, Verifier};
 use pod_identity_agent::upstream::{Backend, Credentials, FetchFuture};
 use std::hint::black_box;
@@ -125,12 +130,10 @@ fn identity(issuer: &Issuer, pod: &Pod) -> Identity {
     }
 }
 
-fn cache_hit(c: &mut Criterion) {
-    let rt = runtime();
-    // ES256 only to sign the 2,000 tokens quickly; the cache never looks at the signature.
-    let issuer = Issuer::generate(Alg::Es256).expect("signing key");
+/// A pod-scoped cache whose backend answers at once.
+fn bench_cache() -> Arc<CredentialCache> {
     let creds = fake_credentials(1, SystemTime::now() + Duration::from_secs(3600));
-    let cache = CredentialCache::new(
+    CredentialCache::new(
         Arc::new(FixedBackend(creds)),
         CacheSettings {
             scope: CacheScope::Pod,
@@ -140,7 +143,14 @@ fn cache_hit(c: &mut Criterion) {
             max_upstream_concurrency: 32,
         },
         Metrics::new(),
-    );
+    )
+}
+
+fn cache_hit(c: &mut Criterion) {
+    let rt = runtime();
+    // ES256 only to sign the 2,000 tokens quickly; the cache never looks at the signature.
+    let issuer = Issuer::generate(Alg::Es256).expect("signing key");
+    let cache = bench_cache();
     let identities: Vec<Identity> = (0..CACHED_PODS)
         .map(|i| identity(&issuer, &Pod::numbered("cache", i)))
         .collect();
@@ -177,6 +187,98 @@ fn cache_hit(c: &mut Criterion) {
     group.finish();
 }
 
+/// Pod `i`'s address: 10.x.y.1, one per pod.
+fn pod_ip(i: usize) -> IpAddr {
+    IpAddr::from([10, (i / 256) as u8, (i % 256) as u8, 1])
+}
+
+/// `--node-name node-a --caller-attestation pod`, its pod set filled as a first list of
+/// `pods` would fill it (no API server behind it: nothing here makes a request).
+fn attestation_for(pods: &[Pod]) -> Attestation {
+    let client = kube::Client::try_from(kube::Config::new(
+        "https://127.0.0.1:9".parse().expect("static URL"),
+    ))
+    .expect("client");
+    let set = NodePods::new(
+        "node-a".into(),
+        client,
+        Arc::default(),
+        Metrics::new(),
+        Box::new(|_| {}),
+    );
+    set.apply(Event::Init);
+    for (i, pod) in pods.iter().enumerate() {
+        let object: KubePod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": pod_ip(i).to_string()}]},
+        }))
+        .expect("pod object");
+        set.apply(Event::InitApply(object));
+    }
+    set.apply(Event::InitDone);
+    Attestation {
+        node: NodeBinding::new(Some("node-a".into()), false),
+        pods: Some(set),
+    }
+}
+
+/// Caller attestation's cost per request (a read-locked hash lookup and an address compare),
+/// alone and on top of a cache hit: `attested/*` against `cache_get_hit/*` is the overhead.
+fn attest(c: &mut Criterion) {
+    let rt = runtime();
+    let issuer = Issuer::generate(Alg::Es256).expect("signing key");
+    let pods: Vec<Pod> = (0..CACHED_PODS)
+        .map(|i| Pod::numbered("attest", i))
+        .collect();
+    let identities: Vec<Identity> = pods.iter().map(|p| identity(&issuer, p)).collect();
+    let attestation = rt.block_on(async { attestation_for(&pods) });
+    let cache = rt.block_on(async {
+        let cache = bench_cache();
+        for id in &identities {
+            cache.get(id).await.expect("first fetch fills the cache");
+        }
+        cache
+    });
+    let mut group = c.benchmark_group("attest");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("known_pod", CACHED_PODS), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for i in 0..iters as usize {
+                    let n = i % CACHED_PODS;
+                    let _ = black_box(attestation.check(&identities[n], pod_ip(n)).await);
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+    let mut group = c.benchmark_group("cache_get_hit");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(
+        BenchmarkId::new("attested_cycling_pods", CACHED_PODS),
+        |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for i in 0..iters as usize {
+                        let n = i % CACHED_PODS;
+                        attestation
+                            .check(&identities[n], pod_ip(n))
+                            .await
+                            .expect("the pod's own address");
+                        let _ = black_box(cache.get(&identities[n]).await);
+                    }
+                    started.elapsed()
+                })
+            })
+        },
+    );
+    group.finish();
+}
+
 fn encode(c: &mut Criterion) {
     let creds = fake_credentials(1, SystemTime::now() + Duration::from_secs(3600));
     let mut group = c.benchmark_group("encode");
@@ -187,5 +289,5 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(hot_paths, verify, cache_hit, encode);
+criterion_group!(hot_paths, verify, cache_hit, attest, encode);
 criterion_main!(hot_paths);

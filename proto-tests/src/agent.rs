@@ -205,6 +205,8 @@ pub struct AgentOptions {
     /// Global flags, given before the `server` subcommand.
     global_args: Vec<OsString>,
     args: Vec<OsString>,
+    /// Environment variables of the agent process (its environment is otherwise cleared).
+    env: Vec<(OsString, OsString)>,
     wait_ready: bool,
 }
 
@@ -213,6 +215,7 @@ impl Default for AgentOptions {
         AgentOptions {
             global_args: Vec::new(),
             args: Vec::new(),
+            env: Vec::new(),
             wait_ready: true,
         }
     }
@@ -247,6 +250,17 @@ macro_rules! agent_options_methods {
             self.options.push_global_arg(arg.into());
             self
         }
+
+        /// Set an environment variable for the agent process (its environment is otherwise
+        /// cleared, see [`crate::agent::AgentBuilder::start`]).
+        pub fn env(
+            mut self,
+            key: impl Into<std::ffi::OsString>,
+            value: impl Into<std::ffi::OsString>,
+        ) -> Self {
+            self.options.push_env(key.into(), value.into());
+            self
+        }
     };
 }
 pub(crate) use agent_options_methods;
@@ -267,6 +281,10 @@ impl AgentOptions {
     pub(crate) fn push_global_arg(&mut self, arg: OsString) {
         self.global_args.push(arg);
     }
+
+    pub(crate) fn push_env(&mut self, key: OsString, value: OsString) {
+        self.env.push((key, value));
+    }
 }
 
 /// Configures and starts an [`Agent`].
@@ -275,7 +293,6 @@ pub struct AgentBuilder {
     backend: Backend,
     bind_hosts: String,
     options: AgentOptions,
-    env: Vec<(OsString, OsString)>,
 }
 
 impl AgentBuilder {
@@ -301,7 +318,6 @@ impl AgentBuilder {
             backend,
             bind_hosts: "127.0.0.1".to_owned(),
             options: AgentOptions::default(),
-            env: Vec::new(),
         }
     }
 
@@ -330,14 +346,8 @@ impl AgentBuilder {
     pub fn options(mut self, options: AgentOptions) -> Self {
         self.options.global_args.extend(options.global_args);
         self.options.args.extend(options.args);
+        self.options.env.extend(options.env);
         self.options.wait_ready = options.wait_ready;
-        self
-    }
-
-    /// Set an environment variable for the agent process (its environment is
-    /// otherwise cleared, see [`AgentBuilder::start`]).
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -394,7 +404,7 @@ impl AgentBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         pass_through_env(&mut cmd);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -573,6 +583,30 @@ impl Agent {
             .unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", self.logs_text()));
         assert_eq!(r.status, 200, "GET /metrics: {r:?}");
         r.text()
+    }
+
+    /// Poll `/metrics` until `series` satisfies `ok`, for at most `wait`; its value then.
+    /// Panics with the agent's logs if it never does (a missing series reads as NaN).
+    pub async fn wait_for_metric(
+        &self,
+        series: &str,
+        ok: impl Fn(f64) -> bool,
+        wait: Duration,
+    ) -> f64 {
+        let deadline = Instant::now() + wait;
+        loop {
+            let value =
+                crate::metrics::value(&self.metrics_text().await, series).unwrap_or(f64::NAN);
+            if ok(value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {value} after {wait:?}\n{}",
+                self.logs_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Send SIGTERM.

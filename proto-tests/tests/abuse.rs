@@ -28,23 +28,6 @@ async fn assert_still_serves(bed: &TestBed) {
     assert!(response.json_str("AccessKeyId").is_some(), "{response:?}");
 }
 
-/// Poll `/metrics` until `series` satisfies `ok` (bounded by [`WAIT`]).
-async fn wait_for_metric(bed: &TestBed, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let value = metrics::value(&bed.agent.metrics_text().await, series).unwrap_or(f64::NAN);
-        if ok(value) {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is {value} after {WAIT:?}\n{}",
-            bed.agent.logs_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Read everything until the server closes (bounded by [`WAIT`]).
 async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -113,10 +96,13 @@ async fn connections_over_the_limit_get_503_and_slots_come_back() {
                 .expect("connect"),
         );
     }
-    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| {
-        v == LIMIT as f64
-    })
-    .await;
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_open_connections",
+            |v| v == LIMIT as f64,
+            WAIT,
+        )
+        .await;
 
     // The 51st: answered at once, without sending anything, then closed.
     let mut extra = TcpStream::connect(addr).await.expect("connect");
@@ -130,20 +116,28 @@ async fn connections_over_the_limit_get_503_and_slots_come_back() {
     let body: serde_json::Value = serde_json::from_str(&responses[0].1).expect("JSON body");
     assert_eq!(body["code"], "TooManyConnections", "{body}");
     assert!(body["message"].is_string(), "{body}");
-    wait_for_metric(&bed, "pod_identity_agent_connections_refused_total", |v| {
-        v >= 1.0
-    })
-    .await;
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_connections_refused_total",
+            |v| v >= 1.0,
+            WAIT,
+        )
+        .await;
 
     // Closing some frees their slots for new clients.
     idle.truncate(LIMIT - 5);
-    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| {
-        v <= (LIMIT - 5) as f64
-    })
-    .await;
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_open_connections",
+            |v| v <= (LIMIT - 5) as f64,
+            WAIT,
+        )
+        .await;
     assert_still_serves(&bed).await;
     drop(idle);
-    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+    bed.agent
+        .wait_for_metric("pod_identity_agent_open_connections", |v| v == 0.0, WAIT)
+        .await;
 }
 
 #[tokio::test]
@@ -168,7 +162,9 @@ async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
     let rest = read_to_close(&mut stream).await;
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     assert!(started.elapsed() < Duration::from_secs(5));
-    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+    bed.agent
+        .wait_for_metric("pod_identity_agent_open_connections", |v| v == 0.0, WAIT)
+        .await;
     assert_still_serves(&bed).await;
 }
 
@@ -397,12 +393,13 @@ async fn hostile_upstream_answers_never_reach_the_pod() {
             started.elapsed()
         );
     }
-    wait_for_metric(
-        &bed,
-        "pod_identity_agent_upstream_calls_total{outcome=\"invalid_response\"}",
-        |v| v >= 4.0,
-    )
-    .await;
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_upstream_calls_total{outcome=\"invalid_response\"}",
+            |v| v >= 4.0,
+            WAIT,
+        )
+        .await;
     bed.upstream.set_fault(Fault::Ok);
     assert_still_serves(&bed).await;
 }
@@ -602,9 +599,14 @@ async fn a_client_that_never_reads_is_disconnected_after_the_send_timeout() {
         .await;
     let addr = bed.agent.credentials_addr();
     let stream = stalled_connection(addr).await.expect("connected");
-    wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v >= 1.0).await;
+    bed.agent
+        .wait_for_metric("pod_identity_agent_open_connections", |v| v >= 1.0, WAIT)
+        .await;
     // The answers back up; after the send timeout the agent closes the connection.
-    let closed = wait_for_metric(&bed, "pod_identity_agent_open_connections", |v| v == 0.0).await;
+    let closed = bed
+        .agent
+        .wait_for_metric("pod_identity_agent_open_connections", |v| v == 0.0, WAIT)
+        .await;
     assert_eq!(closed, 0.0);
     drop(stream);
     assert_still_serves(&bed).await;

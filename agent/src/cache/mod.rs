@@ -673,6 +673,26 @@ impl CredentialCache {
             .await;
     }
 
+    /// Drop every entry of the pod with `uid` at once (it was deleted or has terminated): its
+    /// credentials are never served or refreshed again. Entries shared by an association
+    /// (`--cache-scope association`) serve the association's other pods and stay.
+    pub fn forget_pod(&self, uid: &str) -> usize {
+        if !defence::on(Defence::PodDeletionForgets) {
+            return 0;
+        }
+        let mut entries = self.lock_entries();
+        let before = entries.len();
+        entries.retain(
+            |key, _| !matches!(key, CacheKey::Pod { pod: PodRef::Uid(u), .. } if &**u == uid),
+        );
+        let dropped = before - entries.len();
+        for _ in 0..dropped {
+            self.metrics.eviction("pod_gone");
+        }
+        self.metrics.cache_entries.set(entries.len() as i64);
+        dropped
+    }
+
     /// Remove `key` if it still maps to `slot` (a newer slot for the key is left alone).
     fn remove(&self, key: &CacheKey, slot: &Arc<Slot>, reason: Option<&'static str>) {
         let mut entries = self.lock_entries();

@@ -1,0 +1,664 @@
+//! The pods of this node, as the Kubernetes API reports them, and the caller check built on
+//! them.
+//!
+//! One `kube` watcher lists and watches `/api/v1/pods?fieldSelector=spec.nodeName=<node>`
+//! (relists, `410 Gone` and backoff as `kube::runtime::watcher` does them) into a map from pod
+//! UID to what a caller of that pod must match: its `status.podIPs`, or, for a
+//! `spec.hostNetwork` pod, one of the host's own addresses. A request costs one read-locked
+//! hash lookup. A pod the watch has not delivered yet is read once with a GET, bounded in
+//! rate and concurrency; a pod that is deleted or has terminated is remembered (bounded) so
+//! its tokens are refused without asking the API server again, and the cache is told at once.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::sync::{watch, OnceCell, Semaphore};
+
+use crate::kube_api::LastContact;
+use crate::limits::TokenBucket;
+use crate::metrics::Metrics;
+
+/// Pods remembered as gone, so replays of their tokens cost no API call.
+const MAX_GONE: usize = 16_384;
+/// How long a gone pod is remembered. After that a replay costs one GET (and is refused).
+const GONE_TTL: Duration = Duration::from_secs(3600);
+/// Single-pod reads: at most this many at a time...
+const LOOKUP_CONCURRENCY: usize = 4;
+/// ...and at most this many per second on average, in bursts of `LOOKUP_BURST`.
+const LOOKUP_RATE: f64 = 5.0;
+const LOOKUP_BURST: f64 = 20.0;
+/// A single-pod read that takes longer is given up (the request gets 503).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the host's interface addresses are reused before they are read again.
+const HOST_ADDRS_TTL: Duration = Duration::from_secs(10);
+/// The server ends each watch after this long and the watcher starts the next one.
+const WATCH_TIMEOUT_S: u32 = 290;
+
+/// Why a caller was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the agent has not yet listed this node's pods; retry shortly")]
+    NotSynced,
+    #[error("the token's pod is not a pod of this node")]
+    UnknownPod,
+    #[error("the token's pod has been deleted or has terminated")]
+    PodGone,
+    #[error("the request does not come from the token's pod")]
+    CallerNotPod,
+    #[error("a caller on the host's network may present only a hostNetwork pod's token")]
+    HostNetworkOnly,
+    #[error("too many pods to look up at once; retry shortly")]
+    LookupLimited,
+    #[error("the Kubernetes API server did not answer the pod lookup; retry shortly")]
+    LookupFailed,
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::NotSynced => "PodsNotSynced",
+            Refusal::UnknownPod => "UnknownPod",
+            Refusal::PodGone => "PodNotRunning",
+            Refusal::CallerNotPod => "CallerNotPod",
+            Refusal::HostNetworkOnly => "HostNetworkOnly",
+            Refusal::LookupLimited => "PodLookupLimited",
+            Refusal::LookupFailed => "PodLookupFailed",
+        }
+    }
+
+    /// Refusals that go away by themselves: 503 with `Retry-After`, not 403.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Refusal::NotSynced | Refusal::LookupLimited | Refusal::LookupFailed
+        )
+    }
+}
+
+/// What a caller of a live pod must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodFacts {
+    ips: Box<[IpAddr]>,
+    host_network: bool,
+    /// When the agent learned of the pod (a relist keeps pods learned while it ran).
+    since: Instant,
+}
+
+/// Pod UID -> what its caller must match.
+type PodMap = HashMap<Box<str>, PodFacts>;
+
+#[derive(Default)]
+struct State {
+    live: PodMap,
+    /// UID -> when, and why, it was found not to be a live pod of this node.
+    gone: HashMap<Box<str>, (Instant, Absent)>,
+}
+
+/// Why a UID is not a live pod of this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Absent {
+    /// Deleted, or terminated (phase `Succeeded` or `Failed`).
+    Ended,
+    /// The API server has no such pod on this node (another node's, or none at all).
+    NotHere,
+}
+
+impl State {
+    fn bury(&mut self, uid: &str, now: Instant, why: Absent) {
+        self.live.remove(uid);
+        if self.gone.len() >= MAX_GONE {
+            self.gone
+                .retain(|_, (at, _)| now.duration_since(*at) < GONE_TTL);
+            if self.gone.len() >= MAX_GONE {
+                if let Some(oldest) = self
+                    .gone
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.gone.remove(&oldest);
+                }
+            }
+        }
+        self.gone.insert(uid.into(), (now, why));
+    }
+
+    fn absent(&self, uid: &str, now: Instant) -> Option<Absent> {
+        self.gone
+            .get(uid)
+            .filter(|(at, _)| now.duration_since(*at) < GONE_TTL)
+            .map(|(_, why)| *why)
+    }
+}
+
+/// What the pod set says of a token's pod and a source address.
+enum Seen {
+    Caller,
+    HostNetworkPod,
+    NotCaller,
+    Absent(Absent),
+    Unknown,
+}
+
+/// One single-pod read, shared by every request that waits for it.
+type Lookup = OnceCell<Result<(), Refusal>>;
+
+/// Told the UID of every pod found gone, once.
+pub type OnGone = Box<dyn Fn(&str) + Send + Sync>;
+
+/// The node's pods and the caller check.
+pub struct NodePods {
+    node: String,
+    client: kube::Client,
+    state: RwLock<State>,
+    synced: AtomicBool,
+    contact: Arc<LastContact>,
+    on_gone: OnGone,
+    metrics: Metrics,
+    lookup_budget: Mutex<TokenBucket>,
+    lookup_slots: Semaphore,
+    lookups_in_flight: Mutex<HashMap<Box<str>, Arc<Lookup>>>,
+    /// The pods of a list in progress (between the watcher's `Init` and `InitDone`), and when
+    /// it began.
+    relist: Mutex<Option<(Instant, PodMap)>>,
+    host_addrs: Mutex<(Option<Instant>, Vec<IpAddr>)>,
+}
+
+impl NodePods {
+    pub fn new(
+        node: String,
+        client: kube::Client,
+        contact: Arc<LastContact>,
+        metrics: Metrics,
+        on_gone: OnGone,
+    ) -> Arc<NodePods> {
+        Arc::new(NodePods {
+            node,
+            client,
+            state: RwLock::default(),
+            synced: AtomicBool::new(false),
+            contact,
+            on_gone,
+            metrics,
+            lookup_budget: Mutex::new(TokenBucket::new(LOOKUP_RATE, LOOKUP_BURST, Instant::now())),
+            lookup_slots: Semaphore::new(LOOKUP_CONCURRENCY),
+            lookups_in_flight: Mutex::default(),
+            relist: Mutex::default(),
+            host_addrs: Mutex::new((None, Vec::new())),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True once the first complete list has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Pods of this node known to be running.
+    pub fn live_count(&self) -> usize {
+        self.read().live.len()
+    }
+
+    /// Seconds since the API server last answered, for the staleness gauge.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.contact.age()
+    }
+
+    /// Serve a request for pod `uid` (named `namespace`/`name` in its token) from `peer`?
+    pub async fn check(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: Option<&str>,
+        peer: IpAddr,
+    ) -> Result<(), Refusal> {
+        if !self.is_synced() {
+            return Err(Refusal::NotSynced);
+        }
+        let peer = peer.to_canonical();
+        let mut seen = self.seen(uid, peer);
+        if matches!(seen, Seen::Unknown) {
+            let Some(name) = name else {
+                return Err(Refusal::UnknownPod);
+            };
+            self.look_up(namespace, name, uid).await?;
+            seen = self.seen(uid, peer);
+        }
+        match seen {
+            Seen::Caller => Ok(()),
+            Seen::HostNetworkPod if self.is_host_address(peer) => Ok(()),
+            Seen::HostNetworkPod => Err(Refusal::CallerNotPod),
+            Seen::NotCaller if self.is_host_address(peer) => Err(Refusal::HostNetworkOnly),
+            Seen::NotCaller => Err(Refusal::CallerNotPod),
+            Seen::Absent(Absent::Ended) => Err(Refusal::PodGone),
+            Seen::Absent(Absent::NotHere) | Seen::Unknown => Err(Refusal::UnknownPod),
+        }
+    }
+
+    fn seen(&self, uid: &str, peer: IpAddr) -> Seen {
+        let state = self.read();
+        match state.live.get(uid) {
+            Some(pod) if pod.host_network => Seen::HostNetworkPod,
+            Some(pod) if pod.ips.contains(&peer) => Seen::Caller,
+            Some(_) => Seen::NotCaller,
+            None => match state.absent(uid, Instant::now()) {
+                Some(why) => Seen::Absent(why),
+                None => Seen::Unknown,
+            },
+        }
+    }
+
+    /// One GET per unknown UID at a time, however many requests carry it.
+    async fn look_up(&self, namespace: &str, name: &str, uid: &str) -> Result<(), Refusal> {
+        let cell = {
+            let mut in_flight = self
+                .lookups_in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            in_flight.entry(uid.into()).or_default().clone()
+        };
+        let result = *cell
+            .get_or_init(|| self.fetch_pod(namespace, name, uid))
+            .await;
+        let mut in_flight = self
+            .lookups_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if in_flight.get(uid).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            in_flight.remove(uid);
+        }
+        result
+    }
+
+    /// Read one pod; what it says goes into the pod set (live, or gone).
+    async fn fetch_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<(), Refusal> {
+        let allowed = self
+            .lookup_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_take(Instant::now())
+            .is_ok();
+        if !allowed {
+            self.metrics.pod_lookup("limited");
+            return Err(Refusal::LookupLimited);
+        }
+        let Ok(_slot) = self.lookup_slots.acquire().await else {
+            return Err(Refusal::LookupLimited);
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
+            Ok(Ok(pod)) => pod,
+            Ok(Err(e)) => {
+                self.metrics.pod_lookup("error");
+                tracing::warn!(namespace, pod = name, error = %e, "pod lookup failed");
+                return Err(Refusal::LookupFailed);
+            }
+            Err(_) => {
+                self.metrics.pod_lookup("error");
+                tracing::warn!(namespace, pod = name, "pod lookup timed out");
+                return Err(Refusal::LookupFailed);
+            }
+        };
+        let now = Instant::now();
+        let (result, absent) = match &pod {
+            None => ("not_found", Some(Absent::NotHere)),
+            Some(p) if p.metadata.uid.as_deref() != Some(uid) => ("other_pod", Some(Absent::Ended)),
+            Some(p)
+                if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                    != Some(self.node.as_str()) =>
+            {
+                ("other_node", Some(Absent::NotHere))
+            }
+            Some(p) => match self.facts_of(p, now) {
+                Some((found_uid, facts)) => {
+                    let mut state = self.write();
+                    state.live.insert(found_uid, facts);
+                    self.metrics.pods_known.set(state.live.len() as i64);
+                    ("found", None)
+                }
+                None => ("not_running", Some(Absent::Ended)),
+            },
+        };
+        self.metrics.pod_lookup(result);
+        if let Some(why) = absent {
+            self.write().bury(uid, now, why);
+        }
+        tracing::info!(
+            namespace,
+            pod = name,
+            result,
+            "looked up a pod the watch had not delivered"
+        );
+        Ok(())
+    }
+
+    /// UID and caller facts of a pod of this node that has not terminated.
+    fn facts_of(&self, pod: &Pod, now: Instant) -> Option<(Box<str>, PodFacts)> {
+        let uid = pod.metadata.uid.as_deref()?;
+        let spec = pod.spec.as_ref()?;
+        if spec.node_name.as_deref() != Some(self.node.as_str()) {
+            return None;
+        }
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            return None;
+        }
+        let mut ips: Vec<IpAddr> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            ips.extend(
+                status
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            );
+        }
+        Some((
+            uid.into(),
+            PodFacts {
+                ips: ips.into_iter().map(|ip| ip.to_canonical()).collect(),
+                host_network: spec.host_network.unwrap_or(false),
+                since: now,
+            },
+        ))
+    }
+
+    fn is_host_address(&self, ip: IpAddr) -> bool {
+        let mut cached = self.host_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if cached
+            .0
+            .is_none_or(|at| now.duration_since(at) >= HOST_ADDRS_TTL)
+        {
+            *cached = (Some(now), host_addresses());
+        }
+        cached.1.contains(&ip)
+    }
+
+    /// Follow the node's pods until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let config = watcher::Config::default()
+            .fields(&format!("spec.nodeName={}", self.node))
+            .timeout(WATCH_TIMEOUT_S);
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        loop {
+            let item = tokio::select! {
+                item = events.next() => item,
+                _ = shutdown.changed() => return,
+            };
+            match item {
+                Some(Ok(event)) => self.apply(event),
+                Some(Err(e)) => {
+                    self.metrics.pod_watch_errors.inc();
+                    tracing::warn!(error = %e, synced = self.is_synced(), "pod watch error; retrying with backoff (the last known pods stay in force)");
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Take one event of the watcher (public for the benches and tests, which feed events
+    /// without an API server).
+    pub fn apply(&self, event: Event<Pod>) {
+        let now = Instant::now();
+        let mut relist = self.relist.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            Event::Init => *relist = Some((now, HashMap::new())),
+            Event::InitApply(pod) => {
+                if let (Some((_, pods)), Some((uid, facts))) =
+                    (relist.as_mut(), self.facts_of(&pod, now))
+                {
+                    pods.insert(uid, facts);
+                }
+            }
+            Event::InitDone => {
+                let Some((started, mut pods)) = relist.take() else {
+                    return;
+                };
+                let mut gone = Vec::new();
+                {
+                    let mut state = self.write();
+                    for (uid, facts) in state.live.drain() {
+                        if pods.contains_key(&uid) {
+                            continue;
+                        }
+                        if facts.since >= started {
+                            // Read by a lookup while the list ran: newer than the list.
+                            pods.insert(uid, facts);
+                        } else {
+                            gone.push(uid);
+                        }
+                    }
+                    state.live = pods;
+                    for uid in &gone {
+                        state.bury(uid, now, Absent::Ended);
+                    }
+                    self.metrics.pods_known.set(state.live.len() as i64);
+                }
+                let first = !self.synced.swap(true, Ordering::AcqRel);
+                self.metrics.pod_watch_synced.set(1);
+                tracing::info!(
+                    pods = self.live_count(),
+                    gone = gone.len(),
+                    first,
+                    "listed this node's pods"
+                );
+                self.forget(&gone);
+            }
+            Event::Apply(pod) => match self.facts_of(&pod, now) {
+                Some((uid, facts)) => {
+                    let mut state = self.write();
+                    if state.absent(&uid, now).is_none() {
+                        state.live.insert(uid, facts);
+                    }
+                    self.metrics.pods_known.set(state.live.len() as i64);
+                }
+                None => self.pod_ended(&pod, now),
+            },
+            Event::Delete(pod) => self.pod_ended(&pod, now),
+        }
+    }
+
+    /// A pod of this node was deleted or has terminated.
+    fn pod_ended(&self, pod: &Pod, now: Instant) {
+        let Some(uid) = pod.metadata.uid.as_deref() else {
+            return;
+        };
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str()) {
+            return;
+        }
+        {
+            let mut state = self.write();
+            if state.absent(uid, now) == Some(Absent::Ended) {
+                return;
+            }
+            state.bury(uid, now, Absent::Ended);
+            self.metrics.pods_known.set(state.live.len() as i64);
+        }
+        tracing::info!(
+            namespace = pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod = pod.metadata.name.as_deref().unwrap_or_default(),
+            "pod gone; its tokens are refused and its cached credentials dropped"
+        );
+        self.forget(&[uid.into()]);
+    }
+
+    fn forget(&self, uids: &[Box<str>]) {
+        for uid in uids {
+            (self.on_gone)(uid);
+        }
+    }
+}
+
+/// The addresses of the host's interfaces (a hostNetwork caller's source is one of them).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6()
+                    .map(|v6| IpAddr::V6(v6.ip()).to_canonical())
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"nodeName": node, "containers": [{"name": "app"}]},
+            "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
+        }))
+        .unwrap()
+    }
+
+    /// A pod set with no API server behind it, fed events by hand; and the UIDs it said gone.
+    fn pods_without_api() -> (Arc<NodePods>, Arc<Mutex<Vec<String>>>) {
+        let client =
+            kube::Client::try_from(kube::Config::new("https://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let gone = Arc::new(Mutex::new(Vec::new()));
+        let said = gone.clone();
+        let pods = NodePods::new(
+            "node-a".into(),
+            client,
+            Arc::default(),
+            Metrics::new(),
+            Box::new(move |uid| said.lock().unwrap().push(uid.to_owned())),
+        );
+        (pods, gone)
+    }
+
+    fn list(pods: &NodePods, items: Vec<Pod>) {
+        pods.apply(Event::Init);
+        for p in items {
+            pods.apply(Event::InitApply(p));
+        }
+        pods.apply(Event::InitDone);
+    }
+
+    #[tokio::test]
+    async fn a_relist_forgets_pods_that_vanished_and_keeps_the_rest() {
+        let (pods, gone) = pods_without_api();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            pods.check("u1", "ns", None, peer).await,
+            Err(Refusal::NotSynced)
+        );
+        list(
+            &pods,
+            vec![
+                pod("a", "u1", "node-a", "10.0.0.1", "Running"),
+                pod("b", "u2", "node-a", "10.0.0.2", "Running"),
+                pod("c", "u3", "node-a", "10.0.0.3", "Succeeded"),
+                pod("d", "u4", "node-b", "10.0.0.4", "Running"),
+            ],
+        );
+        assert!(pods.is_synced());
+        assert_eq!(
+            pods.live_count(),
+            2,
+            "terminated and foreign pods are not live"
+        );
+        assert_eq!(pods.check("u1", "ns", None, peer).await, Ok(()));
+        // The watch broke; the relist no longer has u2: it was deleted meanwhile.
+        list(&pods, vec![pod("a", "u1", "node-a", "10.0.0.1", "Running")]);
+        assert_eq!(*gone.lock().unwrap(), vec!["u2".to_owned()]);
+        assert_eq!(
+            pods.check("u2", "ns", None, "10.0.0.2".parse().unwrap())
+                .await,
+            Err(Refusal::PodGone)
+        );
+        // A deletion event, then an IP reuse by a new pod.
+        pods.apply(Event::Delete(pod(
+            "a", "u1", "node-a", "10.0.0.1", "Running",
+        )));
+        pods.apply(Event::Apply(pod(
+            "a", "u5", "node-a", "10.0.0.1", "Running",
+        )));
+        assert_eq!(
+            pods.check("u1", "ns", None, peer).await,
+            Err(Refusal::PodGone)
+        );
+        assert_eq!(pods.check("u5", "ns", None, peer).await, Ok(()));
+        assert_eq!(
+            pods.check("u5", "ns", None, "10.0.0.9".parse().unwrap())
+                .await,
+            Err(Refusal::CallerNotPod)
+        );
+        // A late MODIFIED for a deleted pod does not bring it back.
+        pods.apply(Event::Apply(pod(
+            "a", "u1", "node-a", "10.0.0.1", "Running",
+        )));
+        assert_eq!(
+            pods.check("u1", "ns", None, peer).await,
+            Err(Refusal::PodGone)
+        );
+        assert_eq!(
+            *gone.lock().unwrap(),
+            vec!["u2".to_owned(), "u1".to_owned()]
+        );
+    }
+
+    #[test]
+    fn host_addresses_include_loopback() {
+        assert!(host_addresses().contains(&IpAddr::from([127, 0, 0, 1])));
+        assert!(!host_addresses().contains(&IpAddr::from([127, 0, 0, 2])));
+    }
+
+    #[test]
+    fn gone_pods_are_bounded_and_expire() {
+        let mut state = State::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_GONE + 10 {
+            state.bury(
+                &format!("uid-{i}"),
+                t0 + Duration::from_millis(i as u64),
+                Absent::Ended,
+            );
+        }
+        assert!(state.gone.len() <= MAX_GONE);
+        let last = format!("uid-{}", MAX_GONE + 9);
+        assert_eq!(
+            state.absent(&last, t0 + Duration::from_secs(1)),
+            Some(Absent::Ended)
+        );
+        assert_eq!(
+            state.absent(&last, t0 + GONE_TTL + Duration::from_secs(60)),
+            None
+        );
+    }
+}
