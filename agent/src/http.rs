@@ -239,20 +239,16 @@ struct ErrorBody<'a> {
     message: &'a str,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CredentialsBody<'a> {
-    access_key_id: &'a str,
-    secret_access_key: &'a str,
-    token: &'a str,
-    account_id: &'a str,
-    expiration: String,
-}
-
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     // Serialising these plain structs of strings cannot fail.
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    with_json_headers(
+        status,
+        Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+    )
+}
+
+fn with_json_headers(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(
@@ -263,19 +259,10 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<By
     resp
 }
 
-/// Encode credentials as the SDKs expect: `Expiration` in RFC 3339 UTC with `Z`, which the
-/// Rust and JS SDKs require.
+/// The credentials as the SDKs expect them: the body prepared when they were fetched
+/// ([`Credentials::body`]), shared by every hit.
 pub fn credentials_response(creds: &Credentials) -> Response<Full<Bytes>> {
-    json_response(
-        StatusCode::OK,
-        &CredentialsBody {
-            access_key_id: &creds.access_key_id,
-            secret_access_key: creds.secret_access_key.expose(),
-            token: creds.session_token.expose(),
-            account_id: &creds.account_id,
-            expiration: humantime::format_rfc3339_seconds(creds.expiration).to_string(),
-        },
-    )
+    with_json_headers(StatusCode::OK, creds.body())
 }
 
 /// Handle one request on the credentials port.

@@ -20,6 +20,15 @@ pub const PREFIX: &str = "pod_identity_agent";
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 
+/// Register `metric` under `name` and hand it back (every metric is a shared handle).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~6.5 s: cache hits sit at the bottom, upstream calls and timeouts at the top.
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
@@ -31,6 +40,9 @@ pub struct Metrics {
     registry: Arc<Registry>,
     requests: Family<Labels2, Counter>,
     request_duration: Family<Labels1, Histogram>,
+    /// The series every cache hit touches, resolved once: a hit does no family lookup.
+    credentials_ok: Counter,
+    credentials_duration: Histogram,
     upstream_calls: Family<Labels1, Counter>,
     upstream_duration: Histogram,
     pub cache_hits: Counter,
@@ -72,85 +84,75 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix(PREFIX);
-        let requests = Family::<Labels2, Counter>::default();
-        registry.register(
+        let requests = registered(
+            &mut registry,
             "requests",
             "Credential-port requests by route and status class",
-            requests.clone(),
+            Family::<Labels2, Counter>::default(),
         );
-        let request_duration = Family::<Labels1, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        registry.register(
+        let request_duration = registered(
+            &mut registry,
             "request_duration_seconds",
             "Credential-port request latency by route",
-            request_duration.clone(),
+            Family::<Labels1, Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ),
         );
-        let upstream_calls = Family::<Labels1, Counter>::default();
-        registry.register(
+        let upstream_calls = registered(
+            &mut registry,
             "upstream_calls",
             "Upstream credential calls by outcome",
-            upstream_calls.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let upstream_duration = latency_histogram();
-        registry.register(
+        let upstream_duration = registered(
+            &mut registry,
             "upstream_duration_seconds",
             "Upstream credential call latency",
-            upstream_duration.clone(),
+            latency_histogram(),
         );
-        let cache_hits = Counter::default();
-        registry.register(
+        let cache_hits = registered(
+            &mut registry,
             "cache_hits",
             "Requests answered from the cache",
-            cache_hits.clone(),
+            Counter::default(),
         );
-        let cache_misses = Counter::default();
-        registry.register(
+        let cache_misses = registered(
+            &mut registry,
             "cache_misses",
             "Requests that started an upstream fetch",
-            cache_misses.clone(),
+            Counter::default(),
         );
-        let cache_coalesced = Counter::default();
-        registry.register(
+        let cache_coalesced = registered(
+            &mut registry,
             "cache_coalesced",
             "Requests that joined a fetch already in flight",
-            cache_coalesced.clone(),
+            Counter::default(),
         );
-        let cache_entries = Gauge::default();
-        registry.register(
+        let cache_entries = registered(
+            &mut registry,
             "cache_entries",
             "Entries in the credential cache",
-            cache_entries.clone(),
+            Gauge::default(),
         );
-        let cache_entries_by_state = Family::<Labels1, Gauge>::default();
-        registry.register(
-            "cache_entries_by_state",
-            "Entries with credentials, by state: fresh, refreshing, stale (past their refresh point)",
-            cache_entries_by_state.clone(),
-        );
-        let stale_serves = Counter::default();
-        registry.register(
+        let cache_entries_by_state = registered(&mut registry, "cache_entries_by_state", "Entries with credentials, by state: fresh, refreshing, stale (past their refresh point)", Family::<Labels1, Gauge>::default());
+        let stale_serves = registered(
+            &mut registry,
             "stale_serves",
             "Requests answered with still-valid credentials because a refresh failed or was slow",
-            stale_serves.clone(),
+            Counter::default(),
         );
-        let evictions = Family::<Labels1, Counter>::default();
-        registry.register(
+        let evictions = registered(
+            &mut registry,
             "cache_evictions",
             "Entries removed, by reason: idle, revoked, token_expired, expired, size",
-            evictions.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let refreshes = Family::<Labels1, Counter>::default();
-        registry.register(
-            "refreshes",
-            "Background refreshes by outcome: success, failed_kept (old credentials kept), failed, revoked",
-            refreshes.clone(),
-        );
-        let refresh_budget = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let refreshes = registered(&mut registry, "refreshes", "Background refreshes by outcome: success, failed_kept (old credentials kept), failed, revoked", Family::<Labels1, Counter>::default());
+        let refresh_budget = registered(
+            &mut registry,
             "refresh_budget_qps",
             "Current background refresh budget in calls per second (halved on throttling)",
-            refresh_budget.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
         let min_credential_lifetime = Gauge::<f64, AtomicU64>::default();
         min_credential_lifetime.set(f64::NAN);
@@ -159,65 +161,65 @@ impl Metrics {
             "Smallest remaining lifetime of any cached credentials (NaN when the cache is empty)",
             min_credential_lifetime.clone(),
         );
-        let open_connections = Gauge::default();
-        registry.register(
+        let open_connections = registered(
+            &mut registry,
             "open_connections",
             "Open connections on the credentials listeners",
-            open_connections.clone(),
+            Gauge::default(),
         );
-        let connections_refused = Counter::default();
-        registry.register(
+        let connections_refused = registered(
+            &mut registry,
             "connections_refused",
             "Connections answered with 503 and closed because --max-connections were open",
-            connections_refused.clone(),
+            Counter::default(),
         );
-        let upstream_busy = Counter::default();
-        registry.register(
+        let upstream_busy = registered(
+            &mut registry,
             "upstream_busy",
             "Request-path fetches refused with 503 because every upstream slot stayed busy",
-            upstream_busy.clone(),
+            Counter::default(),
         );
-        let rate_limited = Family::<Labels1, Counter>::default();
-        registry.register(
+        let rate_limited = registered(
+            &mut registry,
             "rate_limited",
             "Requests refused with 429 by the agent's own limits, by scope",
-            rate_limited.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let associations = Gauge::default();
-        registry.register(
+        let associations = registered(
+            &mut registry,
             "associations",
             "Associations loaded from --associations (sts backend)",
-            associations.clone(),
+            Gauge::default(),
         );
-        let association_reloads = Family::<Labels1, Counter>::default();
-        registry.register(
+        let association_reloads = registered(
+            &mut registry,
             "association_reloads",
             "Loads of the associations file by outcome (a failure keeps the last good set)",
-            association_reloads.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let token_rejections = Family::<Labels1, Counter>::default();
-        registry.register(
+        let token_rejections = registered(
+            &mut registry,
             "token_rejections",
             "Tokens refused before any upstream call, by reason",
-            token_rejections.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let key_reloads = Family::<Labels2, Counter>::default();
-        registry.register(
+        let key_reloads = registered(
+            &mut registry,
             "key_reloads",
             "Verification key set loads by outcome and reason",
-            key_reloads.clone(),
+            Family::<Labels2, Counter>::default(),
         );
-        let keys_loaded = Gauge::default();
-        registry.register(
+        let keys_loaded = registered(
+            &mut registry,
             "keys_loaded",
             "Keys in the current verification key set",
-            keys_loaded.clone(),
+            Gauge::default(),
         );
-        let verification_enabled = Gauge::default();
-        registry.register(
+        let verification_enabled = registered(
+            &mut registry,
             "verification_enabled",
             "1 when pod tokens are verified locally, 0 when they go upstream unverified",
-            verification_enabled.clone(),
+            Gauge::default(),
         );
         let key_set_age = Gauge::<f64, AtomicU64>::default();
         key_set_age.set(f64::NAN);
@@ -226,23 +228,18 @@ impl Metrics {
             "Seconds since the verification keys were last fetched or confirmed from their source (NaN before the first)",
             key_set_age.clone(),
         );
-        let insecure_key_source = Gauge::default();
-        registry.register(
-            "insecure_key_source",
-            "1 when --allow-insecure-key-source lets keys come over plain http from beyond loopback",
-            insecure_key_source.clone(),
-        );
-        let pods_known = Gauge::default();
-        registry.register(
+        let insecure_key_source = registered(&mut registry, "insecure_key_source", "1 when --allow-insecure-key-source lets keys come over plain http from beyond loopback", Gauge::default());
+        let pods_known = registered(
+            &mut registry,
             "pods_known",
             "Running pods of this node known to caller attestation (--caller-attestation pod)",
-            pods_known.clone(),
+            Gauge::default(),
         );
-        let pod_watch_synced = Gauge::default();
-        registry.register(
+        let pod_watch_synced = registered(
+            &mut registry,
             "pod_watch_synced",
             "1 once the node's pods have been listed; before that, credential requests get 503",
-            pod_watch_synced.clone(),
+            Gauge::default(),
         );
         let pod_watch_staleness = Gauge::<f64, AtomicU64>::default();
         pod_watch_staleness.set(f64::NAN);
@@ -251,24 +248,30 @@ impl Metrics {
             "Seconds since the Kubernetes API server last sent the agent anything (list page, watch event or bookmark); NaN before the first",
             pod_watch_staleness.clone(),
         );
-        let pod_watch_errors = Counter::default();
-        registry.register(
+        let pod_watch_errors = registered(
+            &mut registry,
             "pod_watch_errors",
             "Errors of the node's pod watch (each is retried with backoff)",
-            pod_watch_errors.clone(),
+            Counter::default(),
         );
-        let pod_lookups = Family::<Labels1, Counter>::default();
-        registry.register(
+        let pod_lookups = registered(
+            &mut registry,
             "pod_lookups",
             "Single-pod reads for pods the watch had not delivered, by result",
-            pod_lookups.clone(),
+            Family::<Labels1, Counter>::default(),
         );
-        let kubernetes_requests = Family::<Labels1, Counter>::default();
-        registry.register(
+        let kubernetes_requests = registered(
+            &mut registry,
             "kubernetes_requests",
             "Requests to the Kubernetes API server by kind (list, watch, get, keys, other)",
-            kubernetes_requests.clone(),
+            Family::<Labels1, Counter>::default(),
         );
+        let credentials_ok = requests
+            .get_or_create(&[("route", "credentials"), ("status_class", "2xx")])
+            .clone();
+        let credentials_duration = request_duration
+            .get_or_create(&[("route", "credentials")])
+            .clone();
         let build_info = Family::<Labels1, Gauge>::default();
         registry.register("build_info", "Agent version", build_info.clone());
         build_info
@@ -278,6 +281,8 @@ impl Metrics {
             registry: Arc::new(registry),
             requests,
             request_duration,
+            credentials_ok,
+            credentials_duration,
             upstream_calls,
             upstream_duration,
             cache_hits,
@@ -312,6 +317,11 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+        if route == "credentials" && (200..300).contains(&status) {
+            self.credentials_ok.inc();
+            self.credentials_duration.observe(seconds);
+            return;
+        }
         let class = match status {
             200..=299 => "2xx",
             300..=399 => "3xx",

@@ -75,7 +75,8 @@ impl fmt::Display for Token {
 pub struct Identity {
     pub token: Token,
     /// Present only when the token's signature and claims were verified.
-    pub verified: Option<VerifiedClaims>,
+    /// Shared: a request answered from the verifier's memory clones a pointer, not strings.
+    pub verified: Option<Arc<VerifiedClaims>>,
     /// `exp` of the token (verified or not), used to prefer the newest token of a pod.
     pub expires_at: Option<SystemTime>,
 }
@@ -285,7 +286,7 @@ impl Verifier {
                     let verified = kubernetes_identity(&data.claims)?;
                     let identity = Identity {
                         token,
-                        verified: Some(verified),
+                        verified: Some(Arc::new(verified)),
                         expires_at,
                     };
                     self.verified.insert(

@@ -92,8 +92,8 @@ fn a_well_formed_eks_auth_answer_is_accepted() {
     let up = Upstreams::new();
     let creds = up.eks_auth(200, &eks_body(|_| {})).expect("accepted");
     assert_eq!(creds.access_key_id, KEY_ID);
-    assert_eq!(creds.secret_access_key.expose(), SECRET);
-    assert_eq!(creds.session_token.expose(), TOKEN);
+    assert_eq!(creds.secret_access_key(), SECRET);
+    assert_eq!(creds.session_token(), TOKEN);
     assert_eq!(creds.account_id, "111122223333");
 }
 
@@ -213,7 +213,7 @@ fn a_well_formed_sts_answer_is_accepted() {
     let up = Upstreams::new();
     let creds = up.sts(200, &sts_valid("")).expect("accepted");
     assert_eq!(creds.access_key_id, KEY_ID);
-    assert_eq!(creds.session_token.expose(), TOKEN);
+    assert_eq!(creds.session_token(), TOKEN);
     assert_eq!(creds.account_id, "111122223333");
 }
 

@@ -118,14 +118,14 @@ fn identity(issuer: &Issuer, pod: &Pod) -> Identity {
     let raw = issuer.token(pod).expect("sign");
     Identity {
         token: Token::new(&raw),
-        verified: Some(VerifiedClaims {
+        verified: Some(std::sync::Arc::new(VerifiedClaims {
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
             pod_name: Some(pod.name.clone()),
             pod_uid: Some(pod.uid.clone()),
             node_name: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
-        }),
+        })),
         expires_at: Some(SystemTime::now() + Duration::from_secs(24 * 3600)),
     }
 }

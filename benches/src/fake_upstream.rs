@@ -53,13 +53,13 @@ pub fn fake_credentials(serial: u64, expiration: SystemTime) -> Credentials {
         session.push_str(&filler);
     }
     session.truncate(SESSION_TOKEN_LEN);
-    Credentials {
-        access_key_id: format!("ASIAFAKE{:012X}", serial & 0xffff_ffff_ffff),
-        secret_access_key: Secret::new(format!("fake/secret/access/key/{filler}x")),
-        session_token: Secret::new(session),
-        account_id: ACCOUNT_ID.into(),
+    Credentials::new(
+        format!("ASIAFAKE{:012X}", serial & 0xffff_ffff_ffff),
+        Secret::new(format!("fake/secret/access/key/{filler}x")),
+        Secret::new(session),
+        ACCOUNT_ID,
         expiration,
-    }
+    )
 }
 
 /// How the fake answers calls that arrive while it is set.
@@ -389,8 +389,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
                 },
                 "credentials": {
                     "accessKeyId": creds.access_key_id,
-                    "secretAccessKey": creds.secret_access_key.expose(),
-                    "sessionToken": creds.session_token.expose(),
+                    "secretAccessKey": creds.secret_access_key(),
+                    "sessionToken": creds.session_token(),
                     "expiration": expires_secs,
                 },
             });
@@ -409,8 +409,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
                  <Arn>arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{session}</Arn></AssumedRoleUser>\
                  </AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>",
                 creds.access_key_id,
-                creds.secret_access_key.expose(),
-                creds.session_token.expose(),
+                creds.secret_access_key(),
+                creds.session_token(),
             );
             xml(StatusCode::OK, body)
         }
@@ -481,13 +481,10 @@ mod tests {
         let b = fake_credentials(u64::MAX, now);
         assert_eq!(a.access_key_id.len(), 20);
         assert_eq!(a.access_key_id.len(), b.access_key_id.len());
-        assert_eq!(a.secret_access_key.expose().len(), 40);
-        assert_eq!(
-            a.secret_access_key.expose().len(),
-            b.secret_access_key.expose().len()
-        );
-        assert_eq!(a.session_token.expose().len(), SESSION_TOKEN_LEN);
-        assert_eq!(b.session_token.expose().len(), SESSION_TOKEN_LEN);
+        assert_eq!(a.secret_access_key().len(), 40);
+        assert_eq!(a.secret_access_key().len(), b.secret_access_key().len());
+        assert_eq!(a.session_token().len(), SESSION_TOKEN_LEN);
+        assert_eq!(b.session_token().len(), SESSION_TOKEN_LEN);
     }
 
     #[test]

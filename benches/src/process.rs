@@ -285,3 +285,51 @@ mod tests {
         assert!(rss_kib(pid).is_none(), "process {pid} still exists");
     }
 }
+
+/// Where the load tool's pinned mode puts each side: the client (this process: its tokio
+/// workers and the EKS Auth fake) on one CPU, the server under test (agent or baseline, one
+/// at a time) on another, so the two never compete for a core and the ratio compares the
+/// servers alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pinning {
+    pub client_cpu: usize,
+    pub server_cpu: usize,
+}
+
+impl Pinning {
+    /// The first two CPUs this process may run on, if there are two.
+    pub fn detect() -> Option<Pinning> {
+        let allowed = nix::sched::sched_getaffinity(Pid::from_raw(0)).ok()?;
+        let mut cpus =
+            (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false));
+        Some(Pinning {
+            client_cpu: cpus.next()?,
+            server_cpu: cpus.next()?,
+        })
+    }
+
+    /// Pin the calling thread (and every thread it starts later) to the client CPU. Call it
+    /// before the runtime starts.
+    pub fn pin_client(&self) -> nix::Result<()> {
+        pin_current_thread(self.client_cpu)
+    }
+
+    /// Start a child on the server CPU: the calling thread moves there for the spawn (the
+    /// child inherits its affinity) and back to the client CPU after.
+    pub fn spawn_on_server(
+        &self,
+        name: &'static str,
+        cmd: Command,
+    ) -> std::io::Result<ChildProcess> {
+        pin_current_thread(self.server_cpu).map_err(std::io::Error::from)?;
+        let spawned = ChildProcess::spawn(name, cmd);
+        pin_current_thread(self.client_cpu).map_err(std::io::Error::from)?;
+        spawned
+    }
+}
+
+fn pin_current_thread(cpu: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
+}

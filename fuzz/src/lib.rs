@@ -202,14 +202,14 @@ impl Upstreams {
         });
         let identity = Identity {
             token: Token::new("header.claims.signature"),
-            verified: Some(VerifiedClaims {
+            verified: Some(std::sync::Arc::new(VerifiedClaims {
                 namespace: "team-a".into(),
                 service_account: "app".into(),
                 pod_name: Some("app-0".into()),
                 pod_uid: Some("0b7f6c1e-3c55-4a44-9d0e-8a1f2b3c4d5e".into()),
                 node_name: None,
                 audiences: vec![AUDIENCE.into(), "sts.amazonaws.com".into()],
-            }),
+            })),
             expires_at: None,
         };
         Upstreams {
@@ -266,9 +266,9 @@ fn check_accepted(result: Result<Credentials, UpstreamError>) {
         .access_key_id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
-    for secret in [&creds.secret_access_key, &creds.session_token] {
-        assert!(!secret.expose().is_empty());
-        assert!(secret.expose().bytes().all(|b| b.is_ascii_graphic()));
+    for secret in [creds.secret_access_key(), creds.session_token()] {
+        assert!(!secret.is_empty());
+        assert!(secret.bytes().all(|b| b.is_ascii_graphic()));
     }
     assert_eq!(creds.account_id.len(), 12);
     let horizon = std::time::SystemTime::now()

@@ -55,13 +55,13 @@ impl Backend for FakeBackend {
             }
             // The wall clock does not move under a paused tokio clock, so "now + lifetime"
             // is the lifetime as of the fetch, which is what the cache measures.
-            Ok(Credentials {
-                access_key_id: format!("ASIA{n}"),
-                secret_access_key: Secret::new("s"),
-                session_token: Secret::new("t"),
-                account_id: "111122223333".into(),
-                expiration: SystemTime::now() + self.lifetime,
-            })
+            Ok(Credentials::new(
+                format!("ASIA{n}"),
+                Secret::new("s"),
+                Secret::new("t"),
+                "111122223333",
+                SystemTime::now() + self.lifetime,
+            ))
         })
     }
 }
@@ -69,14 +69,14 @@ impl Backend for FakeBackend {
 fn identity(token: &str, sa: &str, uid: Option<&str>) -> Identity {
     Identity {
         token: Token::new(token),
-        verified: Some(VerifiedClaims {
+        verified: Some(std::sync::Arc::new(VerifiedClaims {
             namespace: "ns".into(),
             service_account: sa.into(),
             pod_name: uid.map(|u| format!("pod-{u}")),
             pod_uid: uid.map(Into::into),
             node_name: None,
             audiences: vec!["pods.eks.amazonaws.com".into()],
-        }),
+        })),
         expires_at: Some(SystemTime::now() + 24 * HOUR),
     }
 }
@@ -502,7 +502,7 @@ mod properties {
     fn verified(token: &str, ns: &str, sa: &str, uid: Option<&str>, verified: bool) -> Identity {
         let mut id = identity(token, sa, uid);
         match (&mut id.verified, verified) {
-            (Some(c), true) => c.namespace = ns.into(),
+            (Some(c), true) => std::sync::Arc::make_mut(c).namespace = ns.into(),
             (v, _) => *v = None,
         }
         id

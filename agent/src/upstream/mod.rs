@@ -20,6 +20,7 @@ use aws_sdk_eksauth::config::interceptors::BeforeDeserializationInterceptorConte
 use aws_sdk_eksauth::config::{ConfigBag, Intercept, RuntimeComponents, SharedHttpClient};
 use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::body::SdkBody;
+use bytes::Bytes;
 
 use crate::config::{Config, ConfigError};
 use crate::defence::{self, Defence};
@@ -375,13 +376,13 @@ fn checked_credentials(
     if expiration > now + MAX_CREDENTIAL_LIFETIME {
         return Err(invalid("has an expiration more than 24 h away"));
     }
-    Ok(Credentials {
-        access_key_id: access_key_id.to_owned(),
-        secret_access_key: Secret::new(secret_access_key),
-        session_token: Secret::new(session_token),
-        account_id: account_id.to_owned(),
+    Ok(Credentials::new(
+        access_key_id,
+        Secret::new(secret_access_key),
+        Secret::new(session_token),
+        account_id,
         expiration,
-    })
+    ))
 }
 
 /// Printable ASCII without spaces: what a header value built from it can carry as is.
@@ -424,16 +425,117 @@ impl fmt::Display for Secret {
 }
 
 /// Role credentials as the agent serves them.
-#[derive(Clone, Debug)]
+///
+/// The body a pod gets (`{AccessKeyId, SecretAccessKey, Token, AccountId, Expiration}`) is
+/// encoded once, when the credentials arrive, and every request they answer shares it (a
+/// reference count, no copy). The secret key and the session token are held only inside that
+/// body, so a cache entry keeps one copy of them, not two.
+#[derive(Clone)]
 pub struct Credentials {
     pub access_key_id: String,
-    pub secret_access_key: Secret,
-    pub session_token: Secret,
     pub account_id: String,
     pub expiration: SystemTime,
+    body: Bytes,
+    secret_access_key: Held,
+    session_token: Held,
+}
+
+/// Where a secret is: a byte range of the body, or (when JSON had to escape it, which real
+/// credentials never need) a copy of its own.
+#[derive(Clone)]
+enum Held {
+    InBody(u32, u32),
+    Own(Secret),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"** redacted **")
+            .field("session_token", &"** redacted **")
+            .field("account_id", &self.account_id)
+            .field("expiration", &self.expiration)
+            .finish()
+    }
+}
+
+/// Append `value` as a JSON string; its byte range in `body` when it needed no escaping.
+fn push_json_str(body: &mut Vec<u8>, value: &str) -> Option<(u32, u32)> {
+    let start = body.len();
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *body, value);
+    let end = body.len();
+    let plain = end - start == value.len() + 2;
+    (plain && end <= u32::MAX as usize).then(|| ((start + 1) as u32, (end - 1) as u32))
 }
 
 impl Credentials {
+    pub fn new(
+        access_key_id: impl Into<String>,
+        secret_access_key: Secret,
+        session_token: Secret,
+        account_id: impl Into<String>,
+        expiration: SystemTime,
+    ) -> Credentials {
+        let access_key_id = access_key_id.into();
+        let account_id = account_id.into();
+        let (secret, token) = (secret_access_key.expose(), session_token.expose());
+        let mut body = Vec::with_capacity(
+            120 + access_key_id.len() + secret.len() + token.len() + account_id.len(),
+        );
+        body.extend_from_slice(b"{\"AccessKeyId\":");
+        push_json_str(&mut body, &access_key_id);
+        body.extend_from_slice(b",\"SecretAccessKey\":");
+        let secret_at = push_json_str(&mut body, secret);
+        body.extend_from_slice(b",\"Token\":");
+        let token_at = push_json_str(&mut body, token);
+        body.extend_from_slice(b",\"AccountId\":");
+        push_json_str(&mut body, &account_id);
+        // RFC 3339 UTC with `Z`, which the Rust and JS SDKs require.
+        body.extend_from_slice(b",\"Expiration\":");
+        push_json_str(
+            &mut body,
+            &humantime::format_rfc3339_seconds(expiration).to_string(),
+        );
+        body.push(b'}');
+        body.shrink_to_fit();
+        let held = |at: Option<(u32, u32)>, own: Secret| match at {
+            Some((from, to)) => Held::InBody(from, to),
+            None => Held::Own(own),
+        };
+        Credentials {
+            access_key_id,
+            account_id,
+            expiration,
+            body: Bytes::from(body),
+            secret_access_key: held(secret_at, secret_access_key),
+            session_token: held(token_at, session_token),
+        }
+    }
+
+    /// The JSON body a pod gets for these credentials.
+    pub fn body(&self) -> Bytes {
+        self.body.clone()
+    }
+
+    pub fn secret_access_key(&self) -> &str {
+        self.held(&self.secret_access_key)
+    }
+
+    pub fn session_token(&self) -> &str {
+        self.held(&self.session_token)
+    }
+
+    fn held<'a>(&'a self, held: &'a Held) -> &'a str {
+        match held {
+            Held::InBody(from, to) => {
+                std::str::from_utf8(&self.body[*from as usize..*to as usize]).unwrap_or_default()
+            }
+            Held::Own(secret) => secret.expose(),
+        }
+    }
+
     /// Time left before these credentials expire (zero if they already have).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expiration
@@ -639,14 +741,52 @@ mod tests {
     }
 
     #[test]
+    fn the_body_is_the_served_json_and_holds_the_only_copy_of_the_secrets() {
+        let expiration = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let c = Credentials::new(
+            "ASIAEXAMPLE",
+            Secret::new("wJalr/XUtn+FEMI="),
+            Secret::new("IQoJb3JpZ2luX2Vj"),
+            "111122223333",
+            expiration,
+        );
+        let json: serde_json::Value = serde_json::from_slice(&c.body()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "AccessKeyId": "ASIAEXAMPLE",
+                "SecretAccessKey": "wJalr/XUtn+FEMI=",
+                "Token": "IQoJb3JpZ2luX2Vj",
+                "AccountId": "111122223333",
+                "Expiration": "2027-01-15T08:00:00Z",
+            })
+        );
+        assert_eq!(c.secret_access_key(), "wJalr/XUtn+FEMI=");
+        assert_eq!(c.session_token(), "IQoJb3JpZ2luX2Vj");
+        assert!(matches!(c.secret_access_key, Held::InBody(..)));
+        assert_eq!(c.body().as_ptr(), c.body().as_ptr(), "shared, not copied");
+        // A value JSON must escape still reads back as given.
+        let odd = Credentials::new(
+            "ASIAEXAMPLE",
+            Secret::new("a\"b\\c"),
+            Secret::new("t"),
+            "111122223333",
+            expiration,
+        );
+        assert_eq!(odd.secret_access_key(), "a\"b\\c");
+        let json: serde_json::Value = serde_json::from_slice(&odd.body()).unwrap();
+        assert_eq!(json["SecretAccessKey"], "a\"b\\c");
+    }
+
+    #[test]
     fn secrets_are_redacted() {
-        let c = Credentials {
-            access_key_id: "ASIAEXAMPLE".into(),
-            secret_access_key: Secret::new("wJalrXUtnFEMI"),
-            session_token: Secret::new("IQoJb3JpZ2luX2Vj"),
-            account_id: "111122223333".into(),
-            expiration: SystemTime::now(),
-        };
+        let c = Credentials::new(
+            "ASIAEXAMPLE",
+            Secret::new("wJalrXUtnFEMI"),
+            Secret::new("IQoJb3JpZ2luX2Vj"),
+            "111122223333",
+            SystemTime::now(),
+        );
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("wJalrXUtnFEMI") && !shown.contains("IQoJb3JpZ2luX2Vj"),

@@ -255,14 +255,14 @@ mod tests {
     fn identity(ns: &str, pod: Option<&str>, uid: Option<&str>) -> Identity {
         Identity {
             token: Token::new("a.b.c"),
-            verified: Some(VerifiedClaims {
+            verified: Some(std::sync::Arc::new(VerifiedClaims {
                 namespace: ns.into(),
                 service_account: "sa".into(),
                 pod_name: pod.map(Into::into),
                 pod_uid: uid.map(Into::into),
                 node_name: None,
                 audiences: vec!["sts.amazonaws.com".into()],
-            }),
+            })),
             expires_at: None,
         }
     }
