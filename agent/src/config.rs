@@ -47,6 +47,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// A client that has not sent a whole header section this long after connecting, or after
 /// its last response, is disconnected (the contract's 30 s).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long each watch of the node's pods runs before the API server ends it and the watcher
+/// starts the next (kube's own default, under the API server's minimum request timeout).
+pub const DEFAULT_POD_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// Connections one source address may hold on a credentials listener: an SDK keeps one or two
 /// per process, so this leaves room for a pod that starts hundreds of processes at once, while
 /// no pod can take the node's slots (hostNetwork pods share the node's address, and this cap).
@@ -352,6 +355,10 @@ pub struct ServerArgs {
         default_value = "off"
     )]
     pub caller_attestation: CallerAttestation,
+    /// How long each watch of the node's pods runs before it is renewed (tests shorten it to
+    /// run an hour of renewals in seconds).
+    #[arg(long, env = "POD_IDENTITY_AGENT_POD_WATCH_TIMEOUT", default_value_t = DEFAULT_POD_WATCH_TIMEOUT.into(), hide = true)]
+    pub pod_watch_timeout: humantime::Duration,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long, env = "POD_IDENTITY_AGENT_ALLOW_INSECURE_KEY_SOURCE")]
@@ -473,6 +480,7 @@ pub struct Config {
     pub node_name: Option<String>,
     pub require_node_claim: bool,
     pub caller_attestation: CallerAttestation,
+    pub pod_watch_timeout: Duration,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -686,6 +694,15 @@ impl ServerArgs {
                 "needs --node-name (env NODE_NAME)",
             ));
         }
+        let pod_watch_timeout: Duration = self.pod_watch_timeout.into();
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&pod_watch_timeout)
+            || pod_watch_timeout.subsec_nanos() != 0
+        {
+            return Err(bad(
+                "pod-watch-timeout",
+                "must be whole seconds between 1s and 1h",
+            ));
+        }
         if self.caller_attestation == CallerAttestation::Pod && node_name.is_none() {
             return Err(bad(
                 "caller-attestation",
@@ -779,6 +796,7 @@ impl ServerArgs {
             node_name,
             require_node_claim: self.require_node_claim,
             caller_attestation: self.caller_attestation,
+            pod_watch_timeout,
         })
     }
 }
@@ -864,6 +882,7 @@ impl Default for Config {
             node_name: None,
             require_node_claim: false,
             caller_attestation: CallerAttestation::Off,
+            pod_watch_timeout: DEFAULT_POD_WATCH_TIMEOUT,
         }
     }
 }

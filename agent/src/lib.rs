@@ -211,7 +211,10 @@ impl Startup {
                 }
             }),
         );
-        tokio::spawn(pods.clone().run(self.shutdown_rx.clone()));
+        tokio::spawn(
+            pods.clone()
+                .run(config.pod_watch_timeout, self.shutdown_rx.clone()),
+        );
         Some(pods)
     }
 

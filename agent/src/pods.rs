@@ -41,8 +41,6 @@ const LOOKUP_BURST: f64 = 20.0;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the host's interface addresses are reused before they are read again.
 const HOST_ADDRS_TTL: Duration = Duration::from_secs(10);
-/// The server ends each watch after this long and the watcher starts the next one.
-const WATCH_TIMEOUT_S: u32 = 290;
 
 /// Why a caller was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -398,12 +396,17 @@ impl NodePods {
         cached.1.contains(&ip)
     }
 
-    /// Follow the node's pods until `shutdown` fires.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Follow the node's pods until `shutdown` fires, each watch renewed after
+    /// `watch_timeout` (`--pod-watch-timeout`).
+    pub async fn run(
+        self: Arc<Self>,
+        watch_timeout: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let api: Api<Pod> = Api::all(self.client.clone());
         let config = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", self.node))
-            .timeout(WATCH_TIMEOUT_S);
+            .timeout(watch_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
         let mut events = watcher::watcher(api, config).default_backoff().boxed();
         loop {
             let item = tokio::select! {
