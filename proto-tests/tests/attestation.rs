@@ -158,8 +158,10 @@ async fn a_pod_added_without_a_watch_event_is_read_once() {
     let tokens: Vec<String> = (0..60)
         .map(|i| bed.token(&Pod::new("team-a", "app", &format!("ghost-{i}"))))
         .collect();
+    let flood_started = Instant::now();
     let answers =
         futures_util::future::join_all(tokens.iter().map(|t| ask_from(&bed, ip(40), t))).await;
+    let flood_took = flood_started.elapsed();
     for a in &answers {
         assert!(
             (a.status == 403 && a.json_str("code").as_deref() == Some("UnknownPod"))
@@ -167,12 +169,19 @@ async fn a_pod_added_without_a_watch_event_is_read_once() {
             "{a:?}"
         );
     }
+    // The budget: bursts of 20, then 5 a second, over however long the flood took here.
     let reads = api.gets() - gets_before;
-    assert!(reads <= 25, "{reads} API reads for 60 unknown tokens");
+    let budget = 20.0 + 5.0 * flood_took.as_secs_f64().ceil();
     assert!(
-        answers.iter().any(|a| a.status == 503),
-        "the lookup budget was reached"
+        reads as f64 <= budget,
+        "{reads} API reads for 60 unknown tokens in {flood_took:?}"
     );
+    if budget < 60.0 {
+        assert!(
+            answers.iter().any(|a| a.status == 503),
+            "the lookup budget was reached"
+        );
+    }
     assert_eq!(bed.upstream.calls(), 1);
 }
 
