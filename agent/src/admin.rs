@@ -89,10 +89,12 @@ pub async fn handle(
                     .set(keys.age().map_or(f64::NAN, |a| a.as_secs_f64()));
             }
             if let Some(pods) = &state.readiness.pods {
-                state
-                    .metrics
+                let metrics = &state.metrics;
+                metrics
                     .pod_watch_staleness
                     .set(pods.staleness().map_or(f64::NAN, |a| a.as_secs_f64()));
+                metrics.pods_known.set(pods.live_count() as i64);
+                metrics.pod_watch_synced.set(i64::from(pods.is_synced()));
             }
             text(
                 StatusCode::OK,

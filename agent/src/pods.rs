@@ -326,9 +326,7 @@ impl NodePods {
             }
             Some(p) => match self.facts_of(p, now) {
                 Some((found_uid, facts)) => {
-                    let mut state = self.write();
-                    state.live.insert(found_uid, facts);
-                    self.metrics.pods_known.set(state.live.len() as i64);
+                    self.write().live.insert(found_uid, facts);
                     ("found", None)
                 }
                 None => ("not_running", Some(Absent::Ended)),
@@ -460,10 +458,8 @@ impl NodePods {
                     for uid in &gone {
                         state.bury(uid, now, Absent::Ended);
                     }
-                    self.metrics.pods_known.set(state.live.len() as i64);
                 }
                 let first = !self.synced.swap(true, Ordering::AcqRel);
-                self.metrics.pod_watch_synced.set(1);
                 tracing::info!(
                     pods = self.live_count(),
                     gone = gone.len(),
@@ -478,7 +474,6 @@ impl NodePods {
                     if state.absent(&uid, now).is_none() {
                         state.live.insert(uid, facts);
                     }
-                    self.metrics.pods_known.set(state.live.len() as i64);
                 }
                 None => self.pod_ended(&pod, now),
             },
@@ -500,7 +495,6 @@ impl NodePods {
                 return;
             }
             state.bury(uid, now, Absent::Ended);
-            self.metrics.pods_known.set(state.live.len() as i64);
         }
         tracing::info!(
             namespace = pod.metadata.namespace.as_deref().unwrap_or_default(),

@@ -561,6 +561,24 @@ impl Agent {
         }
     }
 
+    /// `GET /v1/credentials` with `Authorization: <token>`, on a connection from `source`
+    /// (any address in 127.0.0.0/8: how tests stand in for a pod's IP). Panics with the
+    /// agent's logs on a transport error.
+    pub async fn fetch_credentials_from(
+        &self,
+        source: std::net::IpAddr,
+        token: &str,
+    ) -> RawResponse {
+        credentials_from(source, self.credentials_addr(), token)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET {CREDENTIALS_PATH} from {source}: {e}\n{}",
+                    self.logs_text()
+                )
+            })
+    }
+
     /// `GET /v1/credentials` with `Authorization: <token>`.
     pub async fn fetch_credentials(&self, token: &str) -> RawResponse {
         self.get(CREDENTIALS_PATH, &[("Authorization", token)])
@@ -808,12 +826,7 @@ where
             let started = Instant::now();
             let response = match source {
                 None => send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await,
-                Some(source) => {
-                    let request = RawRequest::new("GET", CREDENTIALS_PATH)
-                        .header("Host", addr.to_string())
-                        .header("Authorization", token);
-                    http::send_from(source, addr, &request).await
-                }
+                Some(source) => credentials_from(source, addr, &token).await,
             };
             (response, started.elapsed())
         });
@@ -823,6 +836,18 @@ where
         out.push(joined.expect("request task"));
     }
     out
+}
+
+/// `GET /v1/credentials` to `addr` with `Authorization: <token>`, from `source`.
+async fn credentials_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    token: &str,
+) -> std::io::Result<RawResponse> {
+    let request = RawRequest::new("GET", CREDENTIALS_PATH)
+        .header("Host", addr.to_string())
+        .header("Authorization", token);
+    http::send_from(source, addr, &request).await
 }
 
 /// One request on a fresh connection, with default `Host` and

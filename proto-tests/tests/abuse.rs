@@ -556,9 +556,6 @@ async fn one_source_cannot_take_every_connection_slot() {
     }
     // Another pod asks every 10 s while the slots are held, the last time after 60 s.
     let other_pod: std::net::IpAddr = "127.0.0.2".parse().unwrap();
-    let request = RawRequest::get("/v1/credentials")
-        .header("Host", addr.to_string())
-        .header("Authorization", &token);
     let held_since = Instant::now();
     loop {
         // Three requests a round, each answered. Without the cap the held slots leave the
@@ -567,9 +564,7 @@ async fn one_source_cannot_take_every_connection_slot() {
         let mut quickest = Duration::MAX;
         for _ in 0..3 {
             let started = Instant::now();
-            let response = http::send_from(other_pod, addr, &request)
-                .await
-                .expect("answered");
+            let response = bed.agent.fetch_credentials_from(other_pod, &token).await;
             quickest = quickest.min(started.elapsed());
             let after = held_since.elapsed();
             assert_eq!(response.status, 200, "after {after:?}: {response:?}");

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use proto_tests::http::{self, RawRequest, RawResponse};
+use proto_tests::http::RawResponse;
 use proto_tests::metrics;
 use proto_tests::{AgentBuilder, FakeKubeApi, KubePod, Pod, TestBed};
 use tokio::time::Instant;
@@ -32,17 +32,6 @@ async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
         .env("KUBECONFIG", api.kubeconfig())
         .start()
         .await
-}
-
-/// `GET /v1/credentials` with `token`, from `source`.
-async fn ask_from(bed: &TestBed, source: IpAddr, token: &str) -> RawResponse {
-    let addr = bed.agent.credentials_addr();
-    let request = RawRequest::get("/v1/credentials")
-        .header("Host", addr.to_string())
-        .header("Authorization", token);
-    http::send_from(source, addr, &request)
-        .await
-        .expect("the agent answers")
 }
 
 fn assert_refused(response: &RawResponse, status: u16, code: &str) {
@@ -75,22 +64,25 @@ async fn a_pods_token_is_served_only_to_that_pod() {
     let bed = attesting_bed(&api).await;
     let token = bed.token(&app);
 
-    let own = ask_from(&bed, ip(10), &token).await;
+    let own = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_eq!(own.status, 200, "{own:?}");
     assert_eq!(bed.upstream.calls(), 1);
 
-    let from_other_pod = ask_from(&bed, ip(11), &token).await;
+    let from_other_pod = bed.agent.fetch_credentials_from(ip(11), &token).await;
     assert_refused(&from_other_pod, 403, "CallerNotPod");
-    let from_host = ask_from(&bed, host(), &token).await;
+    let from_host = bed.agent.fetch_credentials_from(host(), &token).await;
     assert_refused(&from_host, 403, "HostNetworkOnly");
-    let from_nowhere = ask_from(&bed, ip(99), &token).await;
+    let from_nowhere = bed.agent.fetch_credentials_from(ip(99), &token).await;
     assert_refused(&from_nowhere, 403, "CallerNotPod");
     assert_eq!(bed.upstream.calls(), 1, "no upstream call for a refusal");
     assert_eq!(rejections(&bed, "CallerNotPod").await, 2.0);
     assert_eq!(rejections(&bed, "HostNetworkOnly").await, 1.0);
 
     // The other pod is served from its own address.
-    let theirs = ask_from(&bed, ip(11), &bed.token(&other)).await;
+    let theirs = bed
+        .agent
+        .fetch_credentials_from(ip(11), &bed.token(&other))
+        .await;
     assert_eq!(theirs.status, 200, "{theirs:?}");
 }
 
@@ -107,9 +99,9 @@ async fn a_host_network_pods_token_is_served_to_the_host_only() {
     );
     let bed = attesting_bed(&api).await;
     let token = bed.token(&daemon);
-    let from_host = ask_from(&bed, host(), &token).await;
+    let from_host = bed.agent.fetch_credentials_from(host(), &token).await;
     assert_eq!(from_host.status, 200, "{from_host:?}");
-    let from_pod_ip = ask_from(&bed, ip(10), &token).await;
+    let from_pod_ip = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_refused(&from_pod_ip, 403, "CallerNotPod");
     assert_eq!(bed.upstream.calls(), 1);
 }
@@ -124,12 +116,20 @@ async fn a_token_from_another_node_is_refused() {
     let bed = attesting_bed(&api).await;
 
     let claimed = elsewhere.token().node("node-b").sign(&bed.keys.rsa);
-    assert_refused(&ask_from(&bed, ip(20), &claimed).await, 403, "WrongNode");
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(20), &claimed).await,
+        403,
+        "WrongNode",
+    );
     assert_eq!(api.gets(), 0, "the node claim alone decides");
 
     let unclaimed = bed.token(&elsewhere);
     for _ in 0..5 {
-        assert_refused(&ask_from(&bed, ip(20), &unclaimed).await, 403, "UnknownPod");
+        assert_refused(
+            &bed.agent.fetch_credentials_from(ip(20), &unclaimed).await,
+            403,
+            "UnknownPod",
+        );
     }
     assert_eq!(api.gets(), 1, "one read, then remembered");
     assert_eq!(bed.upstream.calls(), 0);
@@ -145,13 +145,17 @@ async fn a_pod_added_without_a_watch_event_is_read_once() {
     api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
     let token = bed.token(&new);
     for _ in 0..3 {
-        let response = ask_from(&bed, ip(30), &token).await;
+        let response = bed.agent.fetch_credentials_from(ip(30), &token).await;
         assert_eq!(response.status, 200, "{response:?}");
     }
     assert_eq!(api.gets(), 1);
     assert_eq!(bed.upstream.calls(), 1);
     // Still the caller check: from another address it is refused.
-    assert_refused(&ask_from(&bed, ip(31), &token).await, 403, "CallerNotPod");
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(31), &token).await,
+        403,
+        "CallerNotPod",
+    );
 
     // 60 tokens of pods the API server has never heard of, at once.
     let gets_before = api.gets();
@@ -159,8 +163,12 @@ async fn a_pod_added_without_a_watch_event_is_read_once() {
         .map(|i| bed.token(&Pod::new("team-a", "app", &format!("ghost-{i}"))))
         .collect();
     let flood_started = Instant::now();
-    let answers =
-        futures_util::future::join_all(tokens.iter().map(|t| ask_from(&bed, ip(40), t))).await;
+    let answers = futures_util::future::join_all(
+        tokens
+            .iter()
+            .map(|t| bed.agent.fetch_credentials_from(ip(40), t)),
+    )
+    .await;
     let flood_took = flood_started.elapsed();
     for a in &answers {
         assert!(
@@ -194,7 +202,13 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     let bed = attesting_bed(&api).await;
     let token = bed.token(&app);
-    assert_eq!(ask_from(&bed, ip(10), &token).await.status, 200);
+    assert_eq!(
+        bed.agent
+            .fetch_credentials_from(ip(10), &token)
+            .await
+            .status,
+        200
+    );
     bed.agent
         .wait_for_metric("pod_identity_agent_cache_entries", |v| v == 1.0, WAIT)
         .await;
@@ -203,7 +217,11 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     bed.agent
         .wait_for_metric("pod_identity_agent_cache_entries", |v| v == 0.0, WAIT)
         .await;
-    assert_refused(&ask_from(&bed, ip(10), &token).await, 403, "PodNotRunning");
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(10), &token).await,
+        403,
+        "PodNotRunning",
+    );
     assert_eq!(bed.upstream.calls(), 1);
     assert_eq!(api.gets(), 0, "the watch said so; no read needed");
 
@@ -211,8 +229,15 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     // token's UID decides.
     let successor = Pod::new("team-a", "app", "app-0");
     api.add_pod(KubePod::of(&successor, NODE, ip(10)));
-    assert_refused(&ask_from(&bed, ip(10), &token).await, 403, "PodNotRunning");
-    let fresh = ask_from(&bed, ip(10), &bed.token(&successor)).await;
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(10), &token).await,
+        403,
+        "PodNotRunning",
+    );
+    let fresh = bed
+        .agent
+        .fetch_credentials_from(ip(10), &bed.token(&successor))
+        .await;
     assert_eq!(fresh.status, 200, "{fresh:?}");
     assert_eq!(bed.upstream.calls(), 2, "the new pod's own credentials");
 
@@ -220,7 +245,13 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     let job = Pod::new("team-a", "job", "job-0");
     api.add_pod(KubePod::of(&job, NODE, ip(12)));
     let job_token = bed.token(&job);
-    assert_eq!(ask_from(&bed, ip(12), &job_token).await.status, 200);
+    assert_eq!(
+        bed.agent
+            .fetch_credentials_from(ip(12), &job_token)
+            .await
+            .status,
+        200
+    );
     api.update_pod(KubePod::of(&job, NODE, ip(12)).phase("Succeeded"));
     bed.agent
         .wait_for_metric(
@@ -230,7 +261,7 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
         )
         .await;
     assert_refused(
-        &ask_from(&bed, ip(12), &job_token).await,
+        &bed.agent.fetch_credentials_from(ip(12), &job_token).await,
         403,
         "PodNotRunning",
     );
@@ -251,7 +282,7 @@ async fn an_api_server_down_at_start_means_503_until_the_first_list() {
         .start()
         .await;
     let token = bed.token(&app);
-    let early = ask_from(&bed, ip(10), &token).await;
+    let early = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_refused(&early, 503, "PodsNotSynced");
     assert!(early.header("retry-after").is_some(), "{early:?}");
     let ready = bed.agent.probe("/readyz").await;
@@ -265,7 +296,7 @@ async fn an_api_server_down_at_start_means_503_until_the_first_list() {
         assert!(Instant::now() < deadline, "{}", bed.agent.logs_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let served = ask_from(&bed, ip(10), &token).await;
+    let served = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_eq!(served.status, 200, "{served:?}");
 }
 
@@ -279,19 +310,33 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     api.add_pod(KubePod::of(&web, NODE, ip(11)));
     let bed = attesting_bed(&api).await;
-    assert_eq!(ask_from(&bed, ip(10), &bed.token(&app)).await.status, 200);
+    assert_eq!(
+        bed.agent
+            .fetch_credentials_from(ip(10), &bed.token(&app))
+            .await
+            .status,
+        200
+    );
     let staleness = "pod_identity_agent_pod_watch_staleness_seconds";
     bed.agent
         .wait_for_metric(staleness, |v| v < 2.0, WAIT)
         .await;
 
     api.set_down(true);
-    let cached = ask_from(&bed, ip(10), &bed.token(&app)).await;
+    let cached = bed
+        .agent
+        .fetch_credentials_from(ip(10), &bed.token(&app))
+        .await;
     assert_eq!(cached.status, 200, "{cached:?}");
-    let fresh = ask_from(&bed, ip(11), &bed.token(&web)).await;
+    let fresh = bed
+        .agent
+        .fetch_credentials_from(ip(11), &bed.token(&web))
+        .await;
     assert_eq!(fresh.status, 200, "a known pod's first request: {fresh:?}");
     assert_refused(
-        &ask_from(&bed, ip(11), &bed.token(&app)).await,
+        &bed.agent
+            .fetch_credentials_from(ip(11), &bed.token(&app))
+            .await,
         403,
         "CallerNotPod",
     );
@@ -318,7 +363,9 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
         .wait_for_metric("pod_identity_agent_pods_known", |v| v == 1.0, WAIT)
         .await;
     assert_refused(
-        &ask_from(&bed, ip(11), &bed.token(&web)).await,
+        &bed.agent
+            .fetch_credentials_from(ip(11), &bed.token(&web))
+            .await,
         403,
         "PodNotRunning",
     );
@@ -335,7 +382,7 @@ async fn a_lagging_watch_still_serves_new_pods() {
     let app = Pod::new("team-a", "app", "app-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     let token = bed.token(&app);
-    let first = ask_from(&bed, ip(10), &token).await;
+    let first = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_eq!(first.status, 200, "{first:?}");
     assert_eq!(
         api.gets(),
@@ -346,14 +393,24 @@ async fn a_lagging_watch_still_serves_new_pods() {
         .wait_for_metric("pod_identity_agent_pods_known", |v| v == 1.0, WAIT)
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(ask_from(&bed, ip(10), &token).await.status, 200);
+    assert_eq!(
+        bed.agent
+            .fetch_credentials_from(ip(10), &token)
+            .await
+            .status,
+        200
+    );
     assert_eq!(api.gets(), 1);
 
     api.delete_pod("team-a", "app-0");
     bed.agent
         .wait_for_metric("pod_identity_agent_pods_known", |v| v == 0.0, WAIT)
         .await;
-    assert_refused(&ask_from(&bed, ip(10), &token).await, 403, "PodNotRunning");
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(10), &token).await,
+        403,
+        "PodNotRunning",
+    );
     assert_eq!(bed.upstream.calls(), 1);
 }
 
@@ -386,7 +443,10 @@ async fn an_hour_of_a_hundred_pod_node_costs_one_list_and_a_watch_per_renewal() 
             break;
         }
         for (i, token) in tokens.iter().enumerate() {
-            let response = ask_from(&bed, ip(10 + i as u8), token).await;
+            let response = bed
+                .agent
+                .fetch_credentials_from(ip(10 + i as u8), token)
+                .await;
             assert_eq!(response.status, 200, "pod {i}: {response:?}");
             asked += 1;
         }
