@@ -4,8 +4,9 @@ defence switched off, and require it to FAIL.
 
 A test that still passes with its defence removed proves nothing, so this script exits 1 if
 any defence survives its removal. Each defence is guarded in the agent's source by
-`defence::on(Defence::X)` (agent/src/defence.rs). The script builds the agent once with the
-`defence-switches` feature, then runs each guarding test with
+`defence::on(Defence::X)` (agent/src/defence.rs), which a debug build lets
+POD_IDENTITY_AGENT_DISABLE_DEFENCE switch off. The script takes the debug binary the test
+suite runs (a build here is a no-op after the suite), then runs each guarding test with
 POD_IDENTITY_AGENT_DISABLE_DEFENCE naming the defence. The table below must name exactly the
 defences that agent/src/defence.rs declares: a defence without a test, or a test for a
 defence that no longer exists, fails the script instead of being skipped.
@@ -31,7 +32,7 @@ DISABLE_ENV = "POD_IDENTITY_AGENT_DISABLE_DEFENCE"
 # Guarding tests run this many at a time: most wait on timers, not on the CPU.
 PARALLEL = 4
 
-# Guarding tests that take a minute or so (they hold a flood for that long).
+# Guarding tests that take longest (they hold a flood for a while): they start first.
 SLOW = {
     "one_source_cannot_take_every_connection_slot",
     "a_flood_of_refused_requests_does_not_flood_the_log",
@@ -113,15 +114,13 @@ def run(cmd, timeout, env=None):
 
 
 def build_switch_binary():
-    """Build the agent with the defence-switches feature; return a copy of its binary, then
-    put the normal binary back in place for whatever runs next."""
+    """The agent's debug build (the test suite's binary, whose defences can be switched off),
+    copied aside so that a build started meanwhile cannot swap it under the running tests."""
     build = run(
-        ["cargo", "build", "-q", "-p", "pod-identity-agent", "--features", "defence-switches",
-         "--message-format", "json"],
-        900,
+        ["cargo", "build", "-q", "-p", "pod-identity-agent", "--message-format", "json"], 900
     )
     if build.returncode != 0:
-        sys.exit(f"check_defences: the defence-switches build failed:\n{build.stderr[-3000:]}")
+        sys.exit(f"check_defences: building the agent failed:\n{build.stderr[-3000:]}")
     executable = None
     for line in build.stdout.splitlines():
         msg = json.loads(line)
@@ -133,9 +132,6 @@ def build_switch_binary():
     copy = executable.parent / "defence-switches" / executable.name
     copy.parent.mkdir(exist_ok=True)
     shutil.copy2(executable, copy)
-    restored = run(["cargo", "build", "-q", "-p", "pod-identity-agent"], 900)
-    if restored.returncode != 0:
-        sys.exit(f"check_defences: rebuilding the agent failed:\n{restored.stderr[-3000:]}")
     return copy
 
 
@@ -246,7 +242,7 @@ def main():
             if not ok:
                 survived.append(mutation[0])
     if broken:
-        print("check_defences: the defence-switches build fails with every defence on:")
+        print("check_defences: the guarding tests fail with every defence on:")
         print("\n".join(broken))
         return 1
     print(f"check_defences: {len(names)} defences checked in {time.monotonic() - started:.0f}s")

@@ -85,13 +85,13 @@ pub async fn handle(
             if let Some(keys) = &state.readiness.keys {
                 state
                     .metrics
-                    .key_set_age
+                    .key_set_age_seconds
                     .set(keys.age().map_or(f64::NAN, |a| a.as_secs_f64()));
             }
             if let Some(pods) = &state.readiness.pods {
                 let metrics = &state.metrics;
                 metrics
-                    .pod_watch_staleness
+                    .pod_watch_staleness_seconds
                     .set(pods.staleness().map_or(f64::NAN, |a| a.as_secs_f64()));
                 metrics.pods_known.set(pods.live_count() as i64);
                 metrics.pod_watch_synced.set(i64::from(pods.is_synced()));

@@ -20,6 +20,20 @@ pub const DEFAULT_AUDIENCE: &str = "pods.eks.amazonaws.com";
 pub const DEFAULT_BIND_HOSTS: &str = "169.254.170.23,[fd00:ec2::23]";
 /// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
+/// A flag's environment variable is this prefix and the flag's name in upper snake case,
+/// unless its attribute names a conventional variable of its own (`NODE_NAME`, `AWS_REGION`,
+/// `RUST_LOG`) or it is one of [`COMMAND_LINE_ONLY`]. The rule is applied once, in
+/// [`Cli::try_parse_with_env`], instead of being spelled out on every flag.
+pub const ENV_PREFIX: &str = "POD_IDENTITY_AGENT_";
+/// Flags read from the command line only, by subcommand: a one-off check (`--dry-run`) must
+/// not become a setting a DaemonSet leaves behind, and the demo's and the copier's names would
+/// be ambiguous as variables.
+const COMMAND_LINE_ONLY: &[(&str, &str)] = &[
+    ("server", "dry_run"),
+    ("dev", "port"),
+    ("copy-credentials", "file"),
+    ("copy-credentials", "interval"),
+];
 
 // Defaults that are also read outside the command line (`Config::default` for tests and the
 // demo, `RequestLimits::default`, the listeners' own defaults). Each is written here once and
@@ -76,6 +90,41 @@ pub struct Cli {
     /// trace); overrides --log-level. Accepted before or after the subcommand.
     #[arg(short = 'v', long, global = true, value_enum)]
     pub verbosity: Option<Verbosity>,
+}
+
+impl Cli {
+    /// Parse `argv` (the program's name first), each flag also read from its environment
+    /// variable as [`ENV_PREFIX`] says.
+    pub fn try_parse_with_env<I, T>(argv: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command_with_env().try_get_matches_from(argv)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+}
+
+impl Cli {
+    /// The command line as clap sees it, every flag given its environment variable.
+    pub fn command_with_env() -> clap::Command {
+        <Cli as clap::CommandFactory>::command().mut_subcommands(|sub| {
+            let name = sub.get_name().to_owned();
+            sub.mut_args(|arg| with_env(&name, arg))
+        })
+    }
+}
+
+fn with_env(subcommand: &str, arg: clap::Arg) -> clap::Arg {
+    let id = arg.get_id().as_str();
+    if arg.get_env().is_some()
+        || arg.get_long().is_none()
+        || COMMAND_LINE_ONLY.contains(&(subcommand, id))
+    {
+        return arg;
+    }
+    let name = format!("{ENV_PREFIX}{}", id.to_ascii_uppercase());
+    arg.env(name)
 }
 
 /// The upstream agent's `-v/--verbosity` levels (logrus names).
@@ -174,12 +223,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log line format.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_LOG_FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
+    #[arg(long, value_enum, default_value = "json")]
     pub log_format: LogFormat,
     /// Log filter in `RUST_LOG` syntax, e.g. `info` or `info,pod_identity_agent=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
@@ -189,182 +233,118 @@ pub struct LogArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
     /// Cluster name sent to EKS Auth (required for the eks-auth backend).
-    #[arg(short = 'c', long, env = "POD_IDENTITY_AGENT_CLUSTER_NAME")]
+    #[arg(short = 'c', long)]
     pub cluster_name: Option<String>,
     /// Credentials port.
-    #[arg(
-        short = 'p',
-        long,
-        env = "POD_IDENTITY_AGENT_PORT",
-        default_value_t = 80
-    )]
+    #[arg(short = 'p', long, default_value_t = 80)]
     pub port: u16,
     /// Addresses to serve credentials on (IPv6 in brackets); comma-separated or repeated.
-    #[arg(short = 'b', long, env = "POD_IDENTITY_AGENT_BIND_HOSTS", value_delimiter = ',', default_value = DEFAULT_BIND_HOSTS)]
+    #[arg(short = 'b', long, value_delimiter = ',', default_value = DEFAULT_BIND_HOSTS)]
     pub bind_hosts: Vec<String>,
     /// Port of /healthz and /readyz.
-    #[arg(long, env = "POD_IDENTITY_AGENT_PROBE_PORT", default_value_t = 2703)]
+    #[arg(long, default_value_t = 2703)]
     pub probe_port: u16,
     /// Address of /healthz and /readyz.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_PROBE_ADDRESS",
-        default_value = "127.0.0.1"
-    )]
+    #[arg(long, default_value = "127.0.0.1")]
     pub probe_address: IpAddr,
     /// Address of the Prometheus /metrics listener.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_METRICS_ADDRESS",
-        default_value = "0.0.0.0"
-    )]
+    #[arg(long, default_value = "0.0.0.0")]
     pub metrics_address: IpAddr,
     /// Port of the Prometheus /metrics listener.
-    #[arg(long, env = "POD_IDENTITY_AGENT_METRICS_PORT", default_value_t = 2705)]
+    #[arg(long, default_value_t = 2705)]
     pub metrics_port: u16,
     /// EKS Auth endpoint override (URL).
-    #[arg(long, env = "POD_IDENTITY_AGENT_ENDPOINT")]
+    #[arg(long)]
     pub endpoint: Option<String>,
     /// AWS region (default: AWS_REGION, the shared config, then instance metadata).
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
     /// JWKS file for local token verification (re-read when it changes).
-    #[arg(long, env = "POD_IDENTITY_AGENT_JWKS_FILE")]
+    #[arg(long)]
     pub jwks_file: Option<PathBuf>,
     /// JWKS URL for local token verification (polled, and re-fetched on an unknown key id).
-    #[arg(long, env = "POD_IDENTITY_AGENT_JWKS_URL")]
+    #[arg(long)]
     pub jwks_url: Option<String>,
     /// Expected token issuer; also the key source (OIDC discovery) when no JWKS flag is given.
-    #[arg(long, env = "POD_IDENTITY_AGENT_ISSUER")]
+    #[arg(long)]
     pub issuer: Option<String>,
     /// Accepted token audiences; a token must carry at least one. Comma-separated or repeated.
-    #[arg(long, env = "POD_IDENTITY_AGENT_AUDIENCE", value_delimiter = ',', default_value = DEFAULT_AUDIENCE)]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_AUDIENCE)]
     pub audience: Vec<String>,
     /// Cache key: per pod, or per association (namespace/service account).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_CACHE_SCOPE",
-        value_enum,
-        default_value = "pod"
-    )]
+    #[arg(long, value_enum, default_value = "pod")]
     pub cache_scope: CacheScope,
     /// Maximum number of cached entries (0: no caching; concurrent requests still share a call).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_MAX_CACHE_SIZE",
-        default_value_t = DEFAULT_MAX_CACHE_SIZE
-    )]
+    #[arg(long, default_value_t = DEFAULT_MAX_CACHE_SIZE)]
     pub max_cache_size: u64,
     /// Longest time cached credentials are served before they are fetched again (0: no caching).
-    #[arg(long, env = "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL", default_value_t = DEFAULT_MAX_RETENTION.into())]
+    #[arg(long, default_value_t = DEFAULT_MAX_RETENTION.into())]
     pub max_credential_retention_before_renewal: humantime::Duration,
     /// Background refresh budget to the upstream, in calls per second (0 or less: the default).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_MAX_SERVICE_QPS",
-        default_value_t = DEFAULT_MAX_SERVICE_QPS
-    )]
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICE_QPS)]
     pub max_service_qps: f64,
     /// Upstream calls in flight at once (request-path and refresh together).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_MAX_UPSTREAM_CONCURRENCY",
-        default_value_t = DEFAULT_MAX_UPSTREAM_CONCURRENCY
-    )]
+    #[arg(long, default_value_t = DEFAULT_MAX_UPSTREAM_CONCURRENCY)]
     pub max_upstream_concurrency: usize,
     /// Requests per second allowed from one client IP (0: no per-caller limit).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_CALLER_RATE_LIMIT",
-        default_value_t = DEFAULT_CALLER_RATE_LIMIT
-    )]
+    #[arg(long, default_value_t = DEFAULT_CALLER_RATE_LIMIT)]
     pub caller_rate_limit: f64,
     /// Burst allowed from one client IP above its rate.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_CALLER_BURST",
-        default_value_t = DEFAULT_CALLER_BURST
-    )]
+    #[arg(long, default_value_t = DEFAULT_CALLER_BURST)]
     pub caller_burst: f64,
     /// Requests per second allowed from all clients together (0: no global limit).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_GLOBAL_RATE_LIMIT",
-        default_value_t = DEFAULT_GLOBAL_RATE_LIMIT
-    )]
+    #[arg(long, default_value_t = DEFAULT_GLOBAL_RATE_LIMIT)]
     pub global_rate_limit: f64,
     /// Burst allowed from all clients together above the global rate.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_GLOBAL_BURST",
-        default_value_t = DEFAULT_GLOBAL_BURST
-    )]
+    #[arg(long, default_value_t = DEFAULT_GLOBAL_BURST)]
     pub global_burst: f64,
     /// Open connections allowed per credentials listener; above it a new connection gets 503.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_MAX_CONNECTIONS",
-        default_value_t = DEFAULT_MAX_CONNECTIONS
-    )]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// How long a connection may go without sending a complete request header section: a
     /// slow client mid-request, or an idle keep-alive connection between requests. Hidden:
     /// the default suits production; tests shorten it instead of waiting.
-    #[arg(long, env = "POD_IDENTITY_AGENT_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE_TIMEOUT.into(), hide = true)]
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.into(), hide = true)]
     pub idle_timeout: humantime::Duration,
     /// Open connections allowed from one source address per credentials listener.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_MAX_CONNECTIONS_PER_SOURCE",
-        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
-    )]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
     pub max_connections_per_source: usize,
     /// How long a response may wait for the client to read it before the connection is closed.
-    #[arg(long, env = "POD_IDENTITY_AGENT_SEND_TIMEOUT", default_value_t = DEFAULT_SEND_TIMEOUT.into())]
+    #[arg(long, default_value_t = DEFAULT_SEND_TIMEOUT.into())]
     pub send_timeout: humantime::Duration,
     /// Credential source.
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_BACKEND",
-        value_enum,
-        default_value = "eks-auth"
-    )]
+    #[arg(long, value_enum, default_value = "eks-auth")]
     pub backend: BackendKind,
     /// Associations file (sts backend).
-    #[arg(long, env = "POD_IDENTITY_AGENT_ASSOCIATIONS")]
+    #[arg(long)]
     pub associations: Option<PathBuf>,
     /// STS endpoint override (sts backend).
-    #[arg(long, env = "POD_IDENTITY_AGENT_STS_ENDPOINT")]
+    #[arg(long)]
     pub sts_endpoint: Option<String>,
     /// Re-read the agent's own shared credentials file periodically (hybrid nodes).
-    #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS")]
+    #[arg(long)]
     pub rotate_credentials: bool,
     /// This node's name (the DaemonSet sets it from `spec.nodeName`): a token whose
     /// `kubernetes.io.node.name` names another node is refused.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Also refuse tokens without a node claim (clusters before Kubernetes 1.30 issue those).
-    #[arg(long, env = "POD_IDENTITY_AGENT_REQUIRE_NODE_CLAIM")]
+    #[arg(long)]
     pub require_node_claim: bool,
     /// `pod`: serve a token only to its own pod, a running pod of this node calling from one
     /// of its IPs (the node's pods come from the Kubernetes API; needs --node-name).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_CALLER_ATTESTATION",
-        value_enum,
-        default_value = "off"
-    )]
+    #[arg(long, value_enum, default_value = "off")]
     pub caller_attestation: CallerAttestation,
     /// How long each watch of the node's pods runs before it is renewed (tests shorten it to
     /// run an hour of renewals in seconds).
-    #[arg(long, env = "POD_IDENTITY_AGENT_POD_WATCH_TIMEOUT", default_value_t = DEFAULT_POD_WATCH_TIMEOUT.into(), hide = true)]
+    #[arg(long, default_value_t = DEFAULT_POD_WATCH_TIMEOUT.into(), hide = true)]
     pub pod_watch_timeout: humantime::Duration,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
-    #[arg(long, env = "POD_IDENTITY_AGENT_ALLOW_INSECURE_KEY_SOURCE")]
+    #[arg(long)]
     pub allow_insecure_key_source: bool,
     /// How often --rotate-credentials re-reads the shared credentials file.
-    #[arg(long, env = "POD_IDENTITY_AGENT_ROTATE_CREDENTIALS_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
     pub rotate_credentials_interval: Duration,
     /// Check the flags and exit: 0 if valid, 64 naming the flag if not. Nothing is bound or read.
     #[arg(long)]
@@ -376,16 +356,11 @@ pub struct ServerArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InitializeArgs {
     /// Link to create (a `dummy` link; `lo` is used where the kernel has no dummy driver).
-    #[arg(
-        long,
-        env = "POD_IDENTITY_AGENT_LINK_NAME",
-        default_value = "pod-id-link0"
-    )]
+    #[arg(long, default_value = "pod-id-link0")]
     pub link_name: String,
     /// Addresses with prefix length; comma-separated or repeated.
     #[arg(
         long,
-        env = "POD_IDENTITY_AGENT_ADDRESSES",
         value_delimiter = ',',
         default_value = "169.254.170.23/32,fd00:ec2::23/128"
     )]
@@ -444,6 +419,7 @@ impl std::fmt::Debug for StaticUpstreamCredentials {
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Credential source: EKS Auth or STS.
     pub backend: BackendKind,
     /// Associations file (sts backend).
     pub associations: Option<PathBuf>,
@@ -451,44 +427,68 @@ pub struct Config {
     pub sts_endpoint: Option<String>,
     /// EKS cluster name (eks-auth backend; empty for sts).
     pub cluster_name: String,
+    /// Where pods ask for credentials: every bind host on the credentials port.
     pub credential_listeners: Vec<SocketAddr>,
+    /// Where the kubelet asks for /healthz and /readyz.
     pub probe_listener: SocketAddr,
+    /// Where Prometheus scrapes /metrics.
     pub metrics_listener: SocketAddr,
     /// EKS Auth endpoint URL, validated, without a trailing slash.
     pub endpoint: Option<String>,
+    /// AWS region; `None` leaves it to the SDK's chain.
     pub region: Option<String>,
+    /// Where verification keys come from; `None` sends tokens upstream unverified.
     pub key_source: Option<KeySource>,
+    /// The issuer a token must name.
     pub issuer: Option<String>,
+    /// A token must carry at least one of these audiences.
     pub audiences: Vec<String>,
+    /// What a cache entry is kept for: each pod, or each association.
     pub cache_scope: CacheScope,
+    /// Cached entries at most (0: no caching).
     pub max_cache_size: u64,
+    /// Longest time credentials are served before they are fetched again.
     pub max_retention: Duration,
+    /// Background refresh budget, in upstream calls per second.
     pub max_service_qps: f64,
+    /// Upstream calls in flight at once.
     pub max_upstream_concurrency: usize,
     /// Open connections per credentials listener.
     pub max_connections: usize,
     /// Header read timeout, which is also how long an idle keep-alive connection is kept.
     pub idle_timeout: Duration,
+    /// Open connections one source address may hold per credentials listener.
     pub max_connections_per_source: usize,
+    /// How long an answer may wait for its client to read it.
     pub send_timeout: Duration,
+    /// Request rates per caller and for the node.
     pub limits: RequestLimits,
+    /// The demo's credentials for its own upstream calls; the daemon uses the SDK's chain.
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
     /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
     pub rotate_credentials: Option<Duration>,
     /// Keys may come over plain http from anywhere, not only from loopback.
     pub allow_insecure_key_source: bool,
+    /// This node's name: tokens bound to another node are refused.
     pub node_name: Option<String>,
+    /// Refuse tokens that name no node at all.
     pub require_node_claim: bool,
+    /// What a caller must prove besides holding a valid token.
     pub caller_attestation: CallerAttestation,
+    /// How long each watch of the node's pods runs before it is renewed.
     pub pod_watch_timeout: Duration,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
+    /// Requests per second from one client address.
     pub caller_rate: f64,
+    /// Burst from one client address above its rate.
     pub caller_burst: f64,
+    /// Requests per second from all clients together.
     pub global_rate: f64,
+    /// Burst from all clients together above the global rate.
     pub global_burst: f64,
 }
 
@@ -894,11 +894,47 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["pod-identity-agent", "server"];
         argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_with_env(argv).map_err(|e| e.to_string())?;
         match cli.command {
             Command::Server(s) => s.into_config().map_err(|e| e.to_string()),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn every_flag_but_the_command_line_only_ones_reads_its_environment_variable() {
+        let conventional = ["NODE_NAME", "AWS_REGION", "RUST_LOG"];
+        let command = Cli::command_with_env();
+        let mut checked = 0;
+        for sub in command.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
+                let id = arg.get_id().as_str();
+                let env = arg.get_env().and_then(|e| e.to_str());
+                if COMMAND_LINE_ONLY.contains(&(sub.get_name(), id)) {
+                    assert_eq!(env, None, "{} --{id}", sub.get_name());
+                    continue;
+                }
+                let env =
+                    env.unwrap_or_else(|| panic!("{} --{id} has no variable", sub.get_name()));
+                assert!(
+                    env.strip_prefix(ENV_PREFIX).is_some() || conventional.contains(&env),
+                    "{} --{id}: {env}",
+                    sub.get_name()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "only {checked} flags");
+        let server = command.find_subcommand("server").unwrap();
+        let env_of = |id: &str| {
+            let arg = server.get_arguments().find(|a| a.get_id() == id).unwrap();
+            arg.get_env().unwrap().to_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            env_of("max_credential_retention_before_renewal"),
+            "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL"
+        );
+        assert_eq!(env_of("node_name"), "NODE_NAME");
     }
 
     #[test]

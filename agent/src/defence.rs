@@ -1,19 +1,19 @@
 //! Named guards for the abuse defences.
 //!
 //! Every defence that has a black-box test guarding it is written as
-//! `if defence::on(Defence::X) { ... }` at the spot that enforces it. In a normal build
-//! [`on`] is a constant `true` that the compiler folds away. A build with the
-//! `defence-switches` feature (made only by `scripts/check_defences.py`, never shipped)
-//! reads `POD_IDENTITY_AGENT_DISABLE_DEFENCE` at start and turns the named defence off, so
-//! the script can prove that the test guarding each defence fails without it, from one build
-//! and without editing source text.
+//! `if defence::on(Defence::X) { ... }` at the spot that enforces it. In an optimised build
+//! (release, the only kind shipped) [`on`] is a constant `true` that the compiler folds
+//! away. A debug build, the binary the test suite runs, reads
+//! `POD_IDENTITY_AGENT_DISABLE_DEFENCE` at start and turns the named defence off, so
+//! `scripts/check_defences.py` can prove that the test guarding each defence fails without
+//! it, with the binary the tests already use and without editing source text.
 
-/// Environment variable naming the defence to turn off (`defence-switches` builds only).
+/// Environment variable naming the defence to turn off (debug builds only).
 pub const DISABLE_ENV: &str = "POD_IDENTITY_AGENT_DISABLE_DEFENCE";
 
 macro_rules! defences {
     ($($variant:ident => $name:literal,)*) => {
-        /// The defences that can be switched off in a `defence-switches` build.
+        /// The defences that can be switched off in a debug build.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum Defence {
             $($variant,)*
@@ -68,19 +68,19 @@ impl Defence {
 }
 
 /// Whether `defence` is in force. Always true unless the binary was built with the
-/// `defence-switches` feature and started with [`DISABLE_ENV`] naming it.
-#[cfg(not(feature = "defence-switches"))]
+/// debug build started with [`DISABLE_ENV`] naming it.
+#[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn on(_defence: Defence) -> bool {
     true
 }
 
-#[cfg(feature = "defence-switches")]
+#[cfg(debug_assertions)]
 pub fn on(defence: Defence) -> bool {
     disabled() != Some(defence)
 }
 
-#[cfg(feature = "defence-switches")]
+#[cfg(debug_assertions)]
 fn disabled() -> Option<Defence> {
     static DISABLED: std::sync::OnceLock<Option<Defence>> = std::sync::OnceLock::new();
     *DISABLED.get_or_init(|| {
@@ -90,14 +90,14 @@ fn disabled() -> Option<Defence> {
     })
 }
 
-/// Check [`DISABLE_ENV`] at start: in a `defence-switches` build an unknown name is an
-/// error, so a renamed defence makes the script fail instead of testing nothing; in a normal
-/// build the variable is refused outright, so nobody believes they turned a defence off.
+/// Check [`DISABLE_ENV`] at start: in a debug build an unknown name is an error, so a renamed
+/// defence makes the script fail instead of testing nothing; in an optimised build the
+/// variable is refused outright, so nobody believes they turned a defence off.
 pub fn check_environment() -> Result<Option<Defence>, String> {
     let Some(name) = std::env::var_os(DISABLE_ENV) else {
         return Ok(None);
     };
-    if !cfg!(feature = "defence-switches") {
+    if !cfg!(debug_assertions) {
         return Err(format!(
             "{DISABLE_ENV} is set, but this build cannot turn defences off"
         ));

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::Parser;
 use pod_identity_agent::config::{Cli, Command, EXIT_USAGE};
 use pod_identity_agent::{defence, logging, netlink, shutdown, Agent};
 
@@ -26,7 +25,7 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_with_env(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
@@ -87,7 +86,7 @@ fn main() -> ExitCode {
             match defence::check_environment() {
                 Ok(Some(d)) => tracing::warn!(
                     defence = d.name(),
-                    "a defence is switched off: this build exists only for scripts/check_defences.py"
+                    "a defence is switched off (debug builds only, for scripts/check_defences.py)"
                 ),
                 Ok(None) => {}
                 Err(e) => return usage_error(e),

@@ -567,67 +567,50 @@ mod tests {
         pods.apply(Event::InitDone);
     }
 
+    /// A running pod of node-a.
+    fn running(name: &str, uid: &str, ip: &str) -> Pod {
+        pod(name, uid, "node-a", ip, "Running")
+    }
+
+    /// What a request with pod `uid`'s token from `ip` gets.
+    async fn ask(pods: &NodePods, uid: &str, ip: &str) -> Result<(), Refusal> {
+        pods.check(uid, "ns", None, ip.parse().unwrap()).await
+    }
+
     #[tokio::test]
     async fn a_relist_forgets_pods_that_vanished_and_keeps_the_rest() {
         let (pods, gone) = pods_without_api();
-        let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(
-            pods.check("u1", "ns", None, peer).await,
-            Err(Refusal::NotSynced)
-        );
+        let gone = || gone.lock().unwrap().clone();
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::NotSynced));
         list(
             &pods,
             vec![
-                pod("a", "u1", "node-a", "10.0.0.1", "Running"),
-                pod("b", "u2", "node-a", "10.0.0.2", "Running"),
+                running("a", "u1", "10.0.0.1"),
+                running("b", "u2", "10.0.0.2"),
                 pod("c", "u3", "node-a", "10.0.0.3", "Succeeded"),
                 pod("d", "u4", "node-b", "10.0.0.4", "Running"),
             ],
         );
         assert!(pods.is_synced());
-        assert_eq!(
-            pods.live_count(),
-            2,
-            "terminated and foreign pods are not live"
-        );
-        assert_eq!(pods.check("u1", "ns", None, peer).await, Ok(()));
+        assert_eq!(pods.live_count(), 2, "ended and foreign pods are not live");
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Ok(()));
         // The watch broke; the relist no longer has u2: it was deleted meanwhile.
-        list(&pods, vec![pod("a", "u1", "node-a", "10.0.0.1", "Running")]);
-        assert_eq!(*gone.lock().unwrap(), vec!["u2".to_owned()]);
-        assert_eq!(
-            pods.check("u2", "ns", None, "10.0.0.2".parse().unwrap())
-                .await,
-            Err(Refusal::PodGone)
-        );
+        list(&pods, vec![running("a", "u1", "10.0.0.1")]);
+        assert_eq!(gone(), ["u2"]);
+        assert_eq!(ask(&pods, "u2", "10.0.0.2").await, Err(Refusal::PodGone));
         // A deletion event, then an IP reuse by a new pod.
-        pods.apply(Event::Delete(pod(
-            "a", "u1", "node-a", "10.0.0.1", "Running",
-        )));
-        pods.apply(Event::Apply(pod(
-            "a", "u5", "node-a", "10.0.0.1", "Running",
-        )));
+        pods.apply(Event::Delete(running("a", "u1", "10.0.0.1")));
+        pods.apply(Event::Apply(running("a", "u5", "10.0.0.1")));
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(ask(&pods, "u5", "10.0.0.1").await, Ok(()));
         assert_eq!(
-            pods.check("u1", "ns", None, peer).await,
-            Err(Refusal::PodGone)
-        );
-        assert_eq!(pods.check("u5", "ns", None, peer).await, Ok(()));
-        assert_eq!(
-            pods.check("u5", "ns", None, "10.0.0.9".parse().unwrap())
-                .await,
+            ask(&pods, "u5", "10.0.0.9").await,
             Err(Refusal::CallerNotPod)
         );
         // A late MODIFIED for a deleted pod does not bring it back.
-        pods.apply(Event::Apply(pod(
-            "a", "u1", "node-a", "10.0.0.1", "Running",
-        )));
-        assert_eq!(
-            pods.check("u1", "ns", None, peer).await,
-            Err(Refusal::PodGone)
-        );
-        assert_eq!(
-            *gone.lock().unwrap(),
-            vec!["u2".to_owned(), "u1".to_owned()]
-        );
+        pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(gone(), ["u2", "u1"]);
     }
 
     #[test]

@@ -83,9 +83,13 @@ pub struct Identity {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedClaims {
+    /// `kubernetes.io.namespace`: the pod's namespace.
     pub namespace: String,
+    /// `kubernetes.io.serviceaccount.name`: the pod's service account.
     pub service_account: String,
+    /// `kubernetes.io.pod.name`, absent from tokens not bound to a pod.
     pub pod_name: Option<String>,
+    /// `kubernetes.io.pod.uid`, absent from tokens not bound to a pod.
     pub pod_uid: Option<String>,
     /// `kubernetes.io.node.name`: the node the pod was bound to (Kubernetes 1.30 and later).
     pub node_name: Option<String>,

@@ -111,8 +111,8 @@ fn assert_fresh(bin: &std::path::Path) {
 }
 
 /// What an agent started by a test inherits from the test's environment; the rest is cleared.
-/// POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against a
-/// defence-switches build with one defence off (agent/src/defence.rs).
+/// POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against the
+/// debug build with one defence off (agent/src/defence.rs).
 const PASSED_THROUGH: [&str; 3] = ["PATH", "RUST_LOG", "POD_IDENTITY_AGENT_DISABLE_DEFENCE"];
 
 fn pass_through_env(cmd: &mut Command) {

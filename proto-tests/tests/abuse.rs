@@ -531,11 +531,13 @@ async fn stalled_connection(addr: std::net::SocketAddr) -> Option<TcpStream> {
     Some(stream)
 }
 
-/// One pod opens every connection it can, never reads, and holds them for a minute: another
-/// pod (another source address) is still answered.
+/// One pod opens every connection it can, never reads, and holds them (20 s, well past the
+/// first answers' send time; the send timeout is set long so that nothing but the cap frees a
+/// slot): another pod (another source address) is still answered throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_cannot_take_every_connection_slot() {
-    const HOLD: Duration = Duration::from_secs(60);
+    const HOLD: Duration = Duration::from_secs(20);
+    const EVERY: Duration = Duration::from_secs(5);
     let bed = TestBed::builder()
         .args([
             "--max-connections",
@@ -554,7 +556,7 @@ async fn one_source_cannot_take_every_connection_slot() {
     for _ in 0..24 {
         held.extend(stalled_connection(addr).await);
     }
-    // Another pod asks every 10 s while the slots are held, the last time after 60 s.
+    // Another pod asks every 5 s while the slots are held, the last time after 20 s.
     let other_pod: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let held_since = Instant::now();
     loop {
@@ -576,7 +578,7 @@ async fn one_source_cannot_take_every_connection_slot() {
         if held_since.elapsed() >= HOLD {
             break;
         }
-        tokio::time::sleep(Duration::from_secs(10).min(HOLD - held_since.elapsed())).await;
+        tokio::time::sleep(EVERY.min(HOLD - held_since.elapsed())).await;
     }
     let text = bed.agent.metrics_text().await;
     let open = metrics::value(&text, "pod_identity_agent_open_connections").unwrap_or(0.0);

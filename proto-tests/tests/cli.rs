@@ -124,6 +124,50 @@ fn dry_run_checks_flags_without_binding() {
     assert!(stderr.contains("--port"), "{stderr}");
 }
 
+/// What a DaemonSet does: flags given as `POD_IDENTITY_AGENT_<FLAG>` variables, checked as the
+/// flags themselves are.
+#[test]
+fn flags_are_read_from_their_environment_variables() {
+    let dry_run = |env: &[(&str, &str)]| {
+        let out = agent_command()
+            .args(["server", "--dry-run"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run the agent binary");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = dry_run(&[]);
+    assert_eq!(
+        code,
+        Some(64),
+        "the eks-auth backend needs a cluster name: {stderr}"
+    );
+    let cluster = ("POD_IDENTITY_AGENT_CLUSTER_NAME", "c");
+    let (code, stderr) = dry_run(&[cluster]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for (var, flag) in [
+        ("POD_IDENTITY_AGENT_PORT", "--port"),
+        (
+            "POD_IDENTITY_AGENT_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL",
+            "--max-credential-retention-before-renewal",
+        ),
+        (
+            "POD_IDENTITY_AGENT_CALLER_ATTESTATION",
+            "--caller-attestation",
+        ),
+    ] {
+        let (code, stderr) = dry_run(&[cluster, (var, "eighty")]);
+        assert_eq!(code, Some(64), "{var}: {stderr}");
+        assert!(
+            stderr.lines().next().unwrap_or("").contains(flag),
+            "{var}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn help_and_version_exit_zero() {
     for args in [

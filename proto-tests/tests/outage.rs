@@ -143,27 +143,33 @@ async fn hanging_upstream_serves_the_cached_credentials() {
 
 #[tokio::test]
 async fn deleted_association_stops_serving_at_the_next_refresh() {
-    for fault in [Fault::resource_not_found(), Fault::access_denied()] {
-        let bed = short_retention_bed().await;
-        let token = bed.token(&Pod::new("team-a", "app", "app-0"));
-        assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
-        bed.upstream.set_fault(fault.clone());
-        let responses = poll(&bed, &token, Duration::from_secs(6)).await;
-        let refused = responses
-            .iter()
-            .position(|p| p.response.status != 200)
-            .expect("serving stopped");
-        for Polled { response, .. } in &responses[refused..] {
-            assert!(matches!(response.status, 400 | 404), "{response:?}");
-        }
-        let text = bed.agent.metrics_text().await;
-        assert!(
-            text.contains("pod_identity_agent_cache_evictions_total{reason=\"revoked\"} 1"),
-            "{text}"
-        );
+    // Each refusal against an agent of its own, side by side: they wait on the same timers.
+    tokio::join!(
+        stops_serving_once_refused(Fault::resource_not_found()),
+        stops_serving_once_refused(Fault::access_denied()),
+    );
+}
+
+async fn stops_serving_once_refused(fault: Fault) {
+    let bed = short_retention_bed().await;
+    let token = bed.token(&Pod::new("team-a", "app", "app-0"));
+    assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
+    bed.upstream.set_fault(fault);
+    let responses = poll(&bed, &token, Duration::from_secs(6)).await;
+    let refused = responses
+        .iter()
+        .position(|p| p.response.status != 200)
+        .expect("serving stopped");
+    for Polled { response, .. } in &responses[refused..] {
+        assert!(matches!(response.status, 400 | 404), "{response:?}");
     }
+    let text = bed.agent.metrics_text().await;
+    assert!(
+        text.contains("pod_identity_agent_cache_evictions_total{reason=\"revoked\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

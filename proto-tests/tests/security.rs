@@ -21,127 +21,71 @@ use tokio::time::Instant;
 /// bounds the wait.
 const KEY_RELOAD_WAIT: Duration = Duration::from_secs(15);
 
-/// `token` is rejected with 400/401/403 and no upstream call; then a valid
-/// token for the same pod is accepted, proving the rejection was the
-/// forgery's doing and not a broken setup.
-async fn assert_forgery_rejected(bed: &TestBed, pod: &Pod, token: &str, what: &str) {
-    let response = bed.agent.fetch_credentials(token).await;
-    assert_token_rejected(&response, what);
-    assert_eq!(
-        bed.upstream.calls(),
-        0,
-        "{what}: a rejected token must not reach EKS Auth"
-    );
-    let control = bed.agent.fetch_credentials(&bed.token(pod)).await;
-    assert_credentials(&control, &only_issued(&bed.upstream));
-}
-
 fn pod() -> Pod {
     Pod::new("team-a", "app", "app-1")
 }
 
+/// Every kind of forged or unfit token, over one agent: each is rejected with 400/401/403 and
+/// costs no upstream call, and after each a valid token of the same pod is served, proving the
+/// rejection was the forgery's doing and not a broken setup. (One agent serves them all: no
+/// case changes the agent's state, and a case that did would show in the next control.)
 #[tokio::test]
-async fn token_signed_by_an_unknown_key_is_rejected() {
+async fn forged_and_unfit_tokens_are_rejected_without_an_upstream_call() {
     let bed = TestBed::start().await;
+    let keys = &bed.keys;
     let pod = pod();
-    // Claims the trusted key's kid, signed by another key.
-    let token = pod
-        .token()
-        .kid(bed.keys.rsa.kid())
-        .sign(TestKeys::untrusted_rsa());
-    assert_forgery_rejected(&bed, &pod, &token, "wrong signing key").await;
-}
-
-#[tokio::test]
-async fn token_with_unknown_kid_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().sign(TestKeys::untrusted_rsa());
-    assert_forgery_rejected(&bed, &pod, &token, "unknown kid").await;
-}
-
-#[tokio::test]
-async fn unsigned_alg_none_token_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().sign_alg_none(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "alg none").await;
-}
-
-#[tokio::test]
-async fn hs256_keyed_with_the_rsa_public_key_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().sign_hs256_with_public_key(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "HS256 with the public key").await;
-}
-
-#[tokio::test]
-async fn expired_token_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().expired().sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "expired").await;
-}
-
-#[tokio::test]
-async fn not_yet_valid_token_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().not_yet_valid().sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "nbf in the future").await;
-}
-
-#[tokio::test]
-async fn token_for_another_audience_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod
-        .token()
-        .audience(["sts.amazonaws.com"])
-        .sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "wrong audience").await;
-}
-
-#[tokio::test]
-async fn token_from_another_issuer_is_rejected_when_issuer_is_set() {
-    let bed = TestBed::builder()
-        .args(["--issuer", DEFAULT_ISSUER])
-        .start()
-        .await;
-    let pod = pod();
-    let token = pod
-        .token()
-        .issuer("https://oidc.eks.us-west-2.amazonaws.com/id/SOMEOTHERCLUSTER")
-        .sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "wrong issuer").await;
-}
-
-#[tokio::test]
-async fn subject_disagreeing_with_kubernetes_claims_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod
-        .token()
-        .subject("system:serviceaccount:kube-system:admin")
-        .sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "sub mismatch").await;
-}
-
-#[tokio::test]
-async fn token_without_kubernetes_claims_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = pod.token().without_kubernetes_claims().sign(&bed.keys.rsa);
-    assert_forgery_rejected(&bed, &pod, &token, "missing kubernetes.io").await;
-}
-
-#[tokio::test]
-async fn bearer_prefixed_token_is_rejected() {
-    let bed = TestBed::start().await;
-    let pod = pod();
-    let token = format!("Bearer {}", bed.token(&pod));
-    assert_forgery_rejected(&bed, &pod, &token, "Bearer prefix").await;
+    let cases = [
+        (
+            "wrong signing key (the trusted key's kid, signed by another key)",
+            pod.token()
+                .kid(keys.rsa.kid())
+                .sign(TestKeys::untrusted_rsa()),
+        ),
+        ("unknown kid", pod.token().sign(TestKeys::untrusted_rsa())),
+        ("alg none", pod.token().sign_alg_none(&keys.rsa)),
+        (
+            "HS256 keyed with the RSA public key",
+            pod.token().sign_hs256_with_public_key(&keys.rsa),
+        ),
+        ("expired", pod.token().expired().sign(&keys.rsa)),
+        (
+            "nbf in the future",
+            pod.token().not_yet_valid().sign(&keys.rsa),
+        ),
+        (
+            "another audience",
+            pod.token().audience(["sts.amazonaws.com"]).sign(&keys.rsa),
+        ),
+        (
+            "another issuer",
+            pod.token()
+                .issuer("https://oidc.eks.us-west-2.amazonaws.com/id/SOMEOTHERCLUSTER")
+                .sign(&keys.rsa),
+        ),
+        (
+            "sub disagreeing with the kubernetes.io claims",
+            pod.token()
+                .subject("system:serviceaccount:kube-system:admin")
+                .sign(&keys.rsa),
+        ),
+        (
+            "no kubernetes.io claims",
+            pod.token().without_kubernetes_claims().sign(&keys.rsa),
+        ),
+        ("Bearer prefix", format!("Bearer {}", bed.token(&pod))),
+    ];
+    for (what, token) in &cases {
+        let calls = bed.upstream.calls();
+        let response = bed.agent.fetch_credentials(token).await;
+        assert_token_rejected(&response, what);
+        assert_eq!(
+            bed.upstream.calls(),
+            calls,
+            "{what}: a rejected token must not reach EKS Auth"
+        );
+        let control = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+        assert_credentials(&control, &only_issued(&bed.upstream));
+    }
 }
 
 #[tokio::test]

@@ -228,7 +228,7 @@ impl CredentialCache {
             .max_capacity(settings.max_entries.max(1))
             .time_to_live(REVOCATION_LOG_INTERVAL)
             .build();
-        metrics.refresh_budget.set(settings.max_service_qps);
+        metrics.refresh_budget_qps.set(settings.max_service_qps);
         Arc::new_cyclic(|this| CredentialCache {
             entries: Mutex::new(HashMap::new()),
             backend,
@@ -524,10 +524,14 @@ impl CredentialCache {
         // background, says it has room again: otherwise a budget throttled down while clients
         // do the refetching would stay at its floor for good.
         if outcome == Outcome::Success {
-            self.metrics.refresh_budget.set(self.budget.on_success());
+            self.metrics
+                .refresh_budget_qps
+                .set(self.budget.on_success());
         }
         if throttled {
-            self.metrics.refresh_budget.set(self.budget.on_throttled());
+            self.metrics
+                .refresh_budget_qps
+                .set(self.budget.on_throttled());
         }
         if outcome == Outcome::Revoked {
             self.metrics.eviction("revoked");
@@ -737,7 +741,7 @@ impl CredentialCache {
             .set_entries_by_state(stats.fresh, stats.refreshing, stats.stale, stats.idle);
         self.metrics.cache_entries.set(self.entry_count() as i64);
         self.metrics
-            .min_credential_lifetime
+            .cache_min_credential_lifetime_seconds
             .set(stats.min_lifetime.map_or(f64::NAN, |d| d.as_secs_f64()));
     }
 }

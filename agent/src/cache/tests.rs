@@ -21,11 +21,15 @@ struct FakeBackend {
 
 impl FakeBackend {
     fn new(latency: Duration) -> Arc<FakeBackend> {
+        FakeBackend::with_lifetime(latency, HOUR)
+    }
+    /// A backend whose credentials live `lifetime`.
+    fn with_lifetime(latency: Duration, lifetime: Duration) -> Arc<FakeBackend> {
         Arc::new(FakeBackend {
             calls: 0.into(),
             call_times: Mutex::new(Vec::new()),
             latency,
-            lifetime: HOUR,
+            lifetime,
             fail: Mutex::new(None),
         })
     }
@@ -95,9 +99,37 @@ fn cache(backend: Arc<FakeBackend>, scope: CacheScope) -> Arc<CredentialCache> {
     CredentialCache::new(backend, settings(scope), Metrics::new())
 }
 
+/// The pod most tests ask for.
+fn the_pod() -> Identity {
+    identity("t", "sa", Some("u1"))
+}
+
+/// A backend answering after `latency`, a pod-scoped cache with the default settings, and
+/// [`the_pod`].
+fn bed_for_one_pod(latency: Duration) -> (Arc<FakeBackend>, Arc<CredentialCache>, Identity) {
+    let (backend, cache) = bed_with(latency, 10_000, 3 * HOUR);
+    (backend, cache, the_pod())
+}
+
+/// [`bed_for_one_pod`], with a backend that fails every call with `kind` and `code`.
+fn failing_bed(
+    kind: FailureKind,
+    code: &str,
+) -> (Arc<FakeBackend>, Arc<CredentialCache>, Identity) {
+    let (backend, cache, id) = bed_for_one_pod(Duration::from_millis(10));
+    backend.fail(kind, code);
+    (backend, cache, id)
+}
+
 /// A fast backend and a pod-scoped cache with the default settings.
 fn bed() -> (Arc<FakeBackend>, Arc<CredentialCache>) {
     bed_with(Duration::from_millis(10), 10_000, 3 * HOUR)
+}
+
+/// The access key a request with `token` of pod `uid` (service account `sa`) gets.
+async fn key_of(cache: &Arc<CredentialCache>, token: &str, sa: &str, uid: &str) -> String {
+    let creds = cache.get(&identity(token, sa, Some(uid))).await.unwrap();
+    creds.access_key_id.clone()
 }
 
 /// Fetch, then ask again a minute later: the entry is in use, so it will be refreshed.
@@ -140,18 +172,10 @@ async fn concurrent_misses_make_one_call() {
 #[tokio::test(start_paused = true)]
 async fn rotated_token_of_same_pod_is_a_hit_and_pods_are_isolated() {
     let (backend, cache) = bed();
-    let a = cache.get(&identity("old", "sa", Some("u1"))).await.unwrap();
-    let b = cache
-        .get(&identity("rotated", "sa", Some("u1")))
-        .await
-        .unwrap();
-    assert_eq!(a.access_key_id, b.access_key_id);
+    let first = key_of(&cache, "old", "sa", "u1").await;
+    assert_eq!(key_of(&cache, "rotated", "sa", "u1").await, first);
     assert_eq!(backend.calls(), 1);
-    let other = cache
-        .get(&identity("other", "sa", Some("u2")))
-        .await
-        .unwrap();
-    assert_ne!(other.access_key_id, a.access_key_id);
+    assert_ne!(key_of(&cache, "other", "sa", "u2").await, first);
     assert_eq!(backend.calls(), 2);
 }
 
@@ -159,13 +183,9 @@ async fn rotated_token_of_same_pod_is_a_hit_and_pods_are_isolated() {
 async fn association_scope_shares_per_service_account() {
     let backend = FakeBackend::new(Duration::from_millis(10));
     let cache = cache(backend.clone(), CacheScope::Association);
-    let a = cache.get(&identity("a", "sa", Some("u1"))).await.unwrap();
-    let b = cache.get(&identity("b", "sa", Some("u2"))).await.unwrap();
-    assert_eq!(a.access_key_id, b.access_key_id);
-    cache
-        .get(&identity("c", "other-sa", Some("u3")))
-        .await
-        .unwrap();
+    let first = key_of(&cache, "a", "sa", "u1").await;
+    assert_eq!(key_of(&cache, "b", "sa", "u2").await, first);
+    assert_ne!(key_of(&cache, "c", "other-sa", "u3").await, first);
     assert_eq!(backend.calls(), 2);
 }
 
@@ -184,8 +204,7 @@ async fn unverified_tokens_key_by_digest() {
 
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
-    let (backend, cache) = bed_with(Duration::from_secs(1), 10_000, 3 * HOUR);
-    let id = identity("t", "sa", Some("u1"));
+    let (backend, cache, id) = bed_for_one_pod(Duration::from_secs(1));
     let gave_up = tokio::time::timeout(Duration::from_millis(100), cache.get(&id)).await;
     assert!(gave_up.is_err());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -198,7 +217,7 @@ async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
 async fn errors_are_shared_but_not_cached() {
     let (backend, cache) = bed_with(Duration::from_millis(50), 10_000, 3 * HOUR);
     backend.fail_with(Some(server_error()));
-    let id = identity("t", "sa", Some("u1"));
+    let id = the_pod();
     let (a, b) = tokio::join!(cache.get(&id), cache.get(&id));
     assert!(matches!(a, Err(CacheError::Upstream(_))) && matches!(b, Err(CacheError::Upstream(_))));
     assert_eq!(backend.calls(), 1);
@@ -211,8 +230,7 @@ async fn errors_are_shared_but_not_cached() {
 /// left, and after the first miss every fetch happens in the background.
 #[tokio::test(start_paused = true)]
 async fn refreshes_ahead_so_clients_never_get_credentials_inside_the_margin() {
-    let (backend, cache) = bed_with(Duration::from_millis(50), 10_000, 3 * HOUR);
-    let id = identity("t", "sa", Some("u1"));
+    let (backend, cache, id) = bed_for_one_pod(Duration::from_millis(50));
     for _ in 0..(6 * 60) {
         let creds = cache.get(&id).await.unwrap();
         let n: usize = creds
@@ -276,7 +294,7 @@ async fn jitter_spreads_refreshes_and_never_passes_the_refresh_point() {
 #[tokio::test(start_paused = true)]
 async fn failed_refreshes_keep_credentials_and_back_off() {
     let (backend, cache) = bed();
-    let id = identity("t", "sa", Some("u1"));
+    let id = the_pod();
     let first = in_use(&cache, &id).await;
     backend.fail_with(Some(server_error()));
     tokio::time::sleep(39 * MINUTE).await;
@@ -308,14 +326,14 @@ async fn failed_refreshes_keep_credentials_and_back_off() {
 #[tokio::test(start_paused = true)]
 async fn throttled_refreshes_shrink_the_budget() {
     let (backend, cache) = bed();
-    let id = identity("t", "sa", Some("u1"));
+    let id = the_pod();
     in_use(&cache, &id).await;
     backend.fail(FailureKind::Throttled, "ThrottlingException");
     tokio::time::sleep(46 * MINUTE).await;
     assert!(
-        cache.metrics.refresh_budget.get() < 3.0,
+        cache.metrics.refresh_budget_qps.get() < 3.0,
         "{}",
-        cache.metrics.refresh_budget.get()
+        cache.metrics.refresh_budget_qps.get()
     );
 }
 
@@ -324,13 +342,7 @@ async fn refreshes_do_not_pile_up_behind_a_throttled_budget() {
     // 100 pods on 10-minute credentials need a refresh every 3 s; a budget throttled to
     // its floor grants one every 5.3 s. Clients keep asking, so the request path refetches
     // what the background cannot. Waiting refreshes must stay bounded by the entries.
-    let backend = Arc::new(FakeBackend {
-        calls: 0.into(),
-        call_times: Mutex::new(Vec::new()),
-        latency: Duration::from_millis(10),
-        lifetime: 10 * MINUTE,
-        fail: Mutex::new(None),
-    });
+    let backend = FakeBackend::with_lifetime(Duration::from_millis(10), 10 * MINUTE);
     let cache = cache(backend.clone(), CacheScope::Pod);
     let ids: Vec<Identity> = (0..100)
         .map(|i| identity(&format!("t{i}"), "sa", Some(&format!("u{i}"))))
@@ -377,7 +389,7 @@ async fn revocation_on_refresh_drops_the_entry_at_once() {
         ),
     ] {
         let (backend, cache) = bed();
-        let id = identity("t", "sa", Some("u1"));
+        let id = the_pod();
         in_use(&cache, &id).await;
         backend.fail(kind, code);
         tokio::time::sleep(46 * MINUTE).await;
@@ -396,12 +408,10 @@ async fn revocation_on_refresh_drops_the_entry_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_association_is_answered_from_the_cache_for_a_while() {
-    let (backend, cache) = bed();
-    backend.fail(
+    let (backend, cache, id) = failing_bed(
         FailureKind::AssociationRefused { status: 404 },
         "ResourceNotFoundException",
     );
-    let id = identity("t", "sa", Some("u1"));
     let other_pod = identity("t2", "sa", Some("u2"));
     for _ in 0..20 {
         let e = cache.get(&id).await.unwrap_err();
@@ -429,12 +439,10 @@ async fn a_refused_association_is_answered_from_the_cache_for_a_while() {
 #[tokio::test(start_paused = true)]
 async fn token_refusals_are_not_remembered() {
     // A refused token says nothing about the pod's next token: ask again.
-    let (backend, cache) = bed();
-    backend.fail(
+    let (backend, cache, id) = failing_bed(
         FailureKind::TokenRefused { status: 400 },
         "InvalidTokenException",
     );
-    let id = identity("t", "sa", Some("u1"));
     for _ in 0..3 {
         assert!(cache.get(&id).await.is_err());
     }
@@ -444,7 +452,7 @@ async fn token_refusals_are_not_remembered() {
 #[tokio::test(start_paused = true)]
 async fn an_expired_newest_token_is_not_used_for_a_refresh() {
     let (backend, cache) = bed();
-    let mut id = identity("t", "sa", Some("u1"));
+    let mut id = the_pod();
     id.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
     in_use(&cache, &id).await;
     tokio::time::sleep(46 * MINUTE).await;
@@ -627,7 +635,7 @@ async fn idle_entries_keep_their_credentials_without_refreshes() {
 async fn a_request_after_the_refresh_point_waits_at_most_the_stale_wait() {
     // Hanging upstream: the old credentials after STALE_WAIT.
     let (_backend, cache) = bed_with(Duration::from_secs(30), 100, Duration::from_secs(60));
-    let id = identity("t", "sa", Some("u1"));
+    let id = the_pod();
     let first = tokio::time::timeout(Duration::from_secs(31), cache.get(&id)).await;
     assert!(first.is_ok(), "the first fetch waits for the slow upstream");
     let first = first.unwrap().ok();
@@ -645,7 +653,7 @@ async fn a_request_after_the_refresh_point_waits_at_most_the_stale_wait() {
 #[tokio::test(start_paused = true)]
 async fn a_healthy_upstream_gives_a_dormant_entry_new_credentials() {
     let (backend, cache) = bed_with(Duration::from_millis(50), 100, Duration::from_secs(60));
-    let id = identity("t", "sa", Some("u1"));
+    let id = the_pod();
     assert_eq!(cache.get(&id).await.unwrap().access_key_id, "ASIA1");
     tokio::time::sleep(5 * MINUTE).await;
     assert_eq!(backend.calls(), 1, "dormant, not refreshed");
@@ -694,7 +702,7 @@ async fn caching_off_calls_every_time_but_still_coalesces() {
     ] {
         let backend = FakeBackend::new(Duration::from_millis(100));
         let cache = CredentialCache::new(backend.clone(), settings, Metrics::new());
-        let id = identity("t", "sa", Some("u1"));
+        let id = the_pod();
         let (x, y) = tokio::join!(cache.get(&id), cache.get(&id));
         assert_eq!(x.unwrap().access_key_id, y.unwrap().access_key_id);
         assert_eq!(backend.calls(), 1, "concurrent requests share one call");
@@ -744,13 +752,7 @@ async fn sdk_day(outage: Option<Duration>) -> (usize, usize) {
     const PODS: usize = 100;
     const EVERY: Duration = Duration::from_secs(5 * 3600);
     const DAY: Duration = Duration::from_secs(24 * 3600);
-    let backend = Arc::new(FakeBackend {
-        calls: 0.into(),
-        call_times: Mutex::new(Vec::new()),
-        latency: Duration::from_millis(50),
-        lifetime: 6 * HOUR,
-        fail: Mutex::new(None),
-    });
+    let backend = FakeBackend::with_lifetime(Duration::from_millis(50), 6 * HOUR);
     let cache = cache(backend.clone(), CacheScope::Pod);
     let start = Instant::now();
     let measured = start + DAY;

@@ -742,14 +742,12 @@ mod tests {
 
     #[test]
     fn the_body_is_the_served_json_and_holds_the_only_copy_of_the_secrets() {
-        let expiration = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let c = Credentials::new(
-            "ASIAEXAMPLE",
-            Secret::new("wJalr/XUtn+FEMI="),
-            Secret::new("IQoJb3JpZ2luX2Vj"),
-            "111122223333",
-            expiration,
-        );
+        let with = |secret: &str, token: &str| {
+            let expiration = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let (secret, token) = (Secret::new(secret), Secret::new(token));
+            Credentials::new("ASIAEXAMPLE", secret, token, "111122223333", expiration)
+        };
+        let c = with("wJalr/XUtn+FEMI=", "IQoJb3JpZ2luX2Vj");
         let json: serde_json::Value = serde_json::from_slice(&c.body()).unwrap();
         assert_eq!(
             json,
@@ -766,13 +764,7 @@ mod tests {
         assert!(matches!(c.secret_access_key, Held::InBody(..)));
         assert_eq!(c.body().as_ptr(), c.body().as_ptr(), "shared, not copied");
         // A value JSON must escape still reads back as given.
-        let odd = Credentials::new(
-            "ASIAEXAMPLE",
-            Secret::new("a\"b\\c"),
-            Secret::new("t"),
-            "111122223333",
-            expiration,
-        );
+        let odd = with("a\"b\\c", "t");
         assert_eq!(odd.secret_access_key(), "a\"b\\c");
         let json: serde_json::Value = serde_json::from_slice(&odd.body()).unwrap();
         assert_eq!(json["SecretAccessKey"], "a\"b\\c");

@@ -6,8 +6,7 @@
 //! UID in its secret parts, so a test can tell exactly which issuance, and
 //! which pod's, a client ended up with. SigV4 headers are recorded, not checked.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,8 +17,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::{json, Value};
 
-use super::recorder::{recorded_fake, Recorder};
-use super::{json_response, serve_loopback, ServerGuard};
+use super::json_response;
+use super::recorder::{recorded_fake, RunningUpstream, Upstream};
 use crate::keys::{self, DEFAULT_AUDIENCE};
 
 /// The account in every ARN the fake returns.
@@ -115,64 +114,31 @@ pub struct IssuedCredentials {
     pub pod_uid: String,
 }
 
-struct State {
+/// What a test sets through the fake's methods (fields private to the fake).
+pub struct Settings {
     latency: Duration,
     fault: Fault,
     lifetime: Duration,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    recorder: Recorder<UpstreamCall>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panicking test thread must not poison the fake for the others.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = Upstream<Settings, UpstreamCall>;
 
 /// Handle on a running fake; clones share the same server and state.
 #[derive(Clone)]
-pub struct FakeEksAuth {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    _server: Arc<ServerGuard>,
-}
+pub struct FakeEksAuth(RunningUpstream<Settings, UpstreamCall>);
 
-recorded_fake!(FakeEksAuth, UpstreamCall);
+recorded_fake!(FakeEksAuth, Settings, UpstreamCall);
 
 impl FakeEksAuth {
     /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the
-    /// server lives until the last handle is dropped.
+    /// server lives until the last handle is dropped. Its `url()` is the agent's `--endpoint`.
     pub async fn start() -> Self {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                latency: Duration::ZERO,
-                fault: Fault::Ok,
-                lifetime: DEFAULT_CREDENTIAL_LIFETIME,
-            }),
-            recorder: Recorder::default(),
-        });
-        let handler_state = shared.clone();
-        let (addr, guard) = serve_loopback(move |req| handle(handler_state.clone(), req))
-            .await
-            .expect("bind fake EKS Auth on 127.0.0.1");
-        Self {
-            shared,
-            addr,
-            _server: Arc::new(guard),
-        }
-    }
-
-    /// Base URL for the agent's `--endpoint`, e.g. `http://127.0.0.1:40123`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        let settings = Settings {
+            latency: Duration::ZERO,
+            fault: Fault::Ok,
+            lifetime: DEFAULT_CREDENTIAL_LIFETIME,
+        };
+        FakeEksAuth(RunningUpstream::start("EKS Auth", settings, handle).await)
     }
 
     /// Every token received, in arrival order.
@@ -185,16 +151,16 @@ impl FakeEksAuth {
 
     /// Delay every subsequent answer by `latency`.
     pub fn set_latency(&self, latency: Duration) {
-        self.shared.lock().latency = latency;
+        self.settings().latency = latency;
     }
 
     pub fn set_fault(&self, fault: Fault) {
-        self.shared.lock().fault = fault;
+        self.settings().fault = fault;
     }
 
     /// Lifetime of credentials issued from now on.
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
-        self.shared.lock().lifetime = lifetime;
+        self.settings().lifetime = lifetime;
     }
 }
 
@@ -287,9 +253,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         })
         .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned());
 
-    let issued = shared
-        .recorder
-        .issue(|serial| subject.issue(&cluster, serial, lifetime));
+    let issued = shared.recorder.issue(|serial| {
+        let role_arn = format!(
+            "arn:aws:sts::{ACCOUNT_ID}:assumed-role/{}-role/eks-{cluster}-{}-{serial}",
+            subject.service_account, subject.pod_name
+        );
+        subject.issue(
+            serial,
+            lifetime,
+            ["fakeSecret", "IQoJb3JpZ2luX2VjFAKE"],
+            role_arn,
+        )
+    });
     let association_id = association_id(&subject.namespace, &subject.service_account);
     let session = issued.role_arn.rsplit('/').next().unwrap_or_default();
     json_response(
@@ -320,16 +295,21 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     )
 }
 
-struct Subject {
-    namespace: String,
-    service_account: String,
-    pod_name: String,
-    pod_uid: String,
+/// The pod a token speaks for, from its unverified `kubernetes.io` claims (the fakes trust a
+/// token as their real services do after verifying it).
+pub(crate) struct Subject {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
 }
 
 impl Subject {
     fn from_token(token: &str) -> Option<Self> {
-        let claims = keys::unverified_claims(token)?;
+        Self::from_claims(&keys::unverified_claims(token)?)
+    }
+
+    pub(crate) fn from_claims(claims: &Value) -> Option<Self> {
         let k8s = claims.get("kubernetes.io")?;
         let s = |v: &Value| v.as_str().map(str::to_owned);
         Some(Self {
@@ -340,25 +320,29 @@ impl Subject {
         })
     }
 
-    fn issue(&self, cluster: &str, serial: u64, lifetime: Duration) -> IssuedCredentials {
+    /// Credentials unique to this issuance (`ASIA` + the serial) and traceable to the pod
+    /// (its UID inside the secret parts). `marks` starts the secret key and the session token,
+    /// so that a test can also tell which fake issued them.
+    pub(crate) fn issue(
+        &self,
+        serial: u64,
+        lifetime: Duration,
+        marks: [&str; 2],
+        role_arn: String,
+    ) -> IssuedCredentials {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock after 1970")
             .as_secs();
         let noise = URL_SAFE_NO_PAD.encode(keys::random_bytes::<24>());
+        let [secret, token] = marks;
         IssuedCredentials {
             serial,
             access_key_id: format!("ASIA{serial:016}"),
-            secret_access_key: format!("fakeSecret/{}/{}", self.pod_uid, &noise[..16]),
-            session_token: format!(
-                "IQoJb3JpZ2luX2VjFAKE{}.pod.{}.serial.{serial}",
-                noise, self.pod_uid
-            ),
+            secret_access_key: format!("{secret}/{}/{}", self.pod_uid, &noise[..16]),
+            session_token: format!("{token}{noise}.pod.{}.serial.{serial}", self.pod_uid),
             expiration: now + lifetime.as_secs(),
-            role_arn: format!(
-                "arn:aws:sts::{ACCOUNT_ID}:assumed-role/{}-role/eks-{cluster}-{}-{serial}",
-                self.service_account, self.pod_name
-            ),
+            role_arn,
             namespace: self.namespace.clone(),
             service_account: self.service_account.clone(),
             pod_name: self.pod_name.clone(),

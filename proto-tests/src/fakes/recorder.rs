@@ -1,14 +1,108 @@
-//! What a fake upstream remembers, shared by the EKS Auth and STS fakes: every call in
-//! arrival order, calls per pod, and every credential handed out. Tests read it through the
-//! fake (which dereferences to its [`Recorder`]).
+//! What the EKS Auth and STS fakes have in common: a server on loopback whose handler sees the
+//! settings a test changes and a [`Recorder`] of every call in arrival order, calls per pod,
+//! and every credential handed out. Tests read the recorder through the fake (which
+//! dereferences to its [`RunningUpstream`], which dereferences to its recorder).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use tokio::sync::watch;
 
+use super::{serve_loopback, ServerGuard};
 use crate::fakes::eks_auth::IssuedCredentials;
+
+/// A fake upstream's state as its handler sees it: the settings a test changes (latency,
+/// faults, lifetimes: `S`) and the recorder.
+pub struct Upstream<S, C> {
+    settings: Mutex<S>,
+    pub recorder: Recorder<C>,
+}
+
+impl<S, C> Upstream<S, C> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, S> {
+        // A panicking test thread must not poison the fake for the others.
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A fake upstream serving on `127.0.0.1:0`; clones share the server and state, which stop
+/// when the last clone is dropped.
+pub struct RunningUpstream<S, C> {
+    shared: Arc<Upstream<S, C>>,
+    addr: SocketAddr,
+    _server: Arc<ServerGuard>,
+}
+
+impl<S, C> Clone for RunningUpstream<S, C> {
+    fn clone(&self) -> Self {
+        RunningUpstream {
+            shared: self.shared.clone(),
+            addr: self.addr,
+            _server: self._server.clone(),
+        }
+    }
+}
+
+impl<S, C> RunningUpstream<S, C>
+where
+    S: Send + 'static,
+    C: RecordedCall + Send + 'static,
+{
+    /// Start serving `handle` with `settings`. Must be called inside a Tokio runtime.
+    pub(crate) async fn start<Fut>(
+        what: &str,
+        settings: S,
+        handle: fn(Arc<Upstream<S, C>>, Request<Incoming>) -> Fut,
+    ) -> Self
+    where
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let shared = Arc::new(Upstream {
+            settings: Mutex::new(settings),
+            recorder: Recorder::default(),
+        });
+        let handler_state = shared.clone();
+        let (addr, guard) = serve_loopback(move |req| handle(handler_state.clone(), req))
+            .await
+            .unwrap_or_else(|e| panic!("bind fake {what} on 127.0.0.1: {e}"));
+        RunningUpstream {
+            shared,
+            addr,
+            _server: Arc::new(guard),
+        }
+    }
+}
+
+impl<S, C> RunningUpstream<S, C> {
+    /// Base URL for the agent's endpoint flag, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The settings, to change them.
+    pub(crate) fn settings(&self) -> MutexGuard<'_, S> {
+        self.shared.lock()
+    }
+}
+
+impl<S, C> std::ops::Deref for RunningUpstream<S, C> {
+    type Target = Recorder<C>;
+
+    fn deref(&self) -> &Recorder<C> {
+        &self.shared.recorder
+    }
+}
 
 /// A recorded call that may name the pod it was made for (from the token's claims).
 pub trait RecordedCall: Clone {
@@ -145,21 +239,37 @@ impl<C: RecordedCall> Recorder<C> {
 }
 
 /// A fake's calls carry the pod they were made for, and the fake reads as its [`Recorder`]
-/// (`calls()`, `call_log()`, `issued()`, `wait_for_calls()`...). The fake keeps its recorder
-/// in `self.shared.recorder`.
+/// (`calls()`, `issued()`, `wait_for_calls()`...). An upstream fake, a newtype of its
+/// [`RunningUpstream`] (`recorded_fake!(Fake, Settings, Call)`), reads as that, `url()`
+/// included; another fake keeps its recorder in `self.shared.recorder`
+/// (`recorded_fake!(Fake, Call)`).
 macro_rules! recorded_fake {
-    ($fake:ty, $call:ty) => {
-        impl $crate::fakes::recorder::RecordedCall for $call {
-            fn pod_uid(&self) -> Option<&str> {
-                self.pod_uid.as_deref()
+    ($fake:ty, $settings:ty, $call:ty) => {
+        $crate::fakes::recorder::recorded_fake!(@call $call);
+
+        impl std::ops::Deref for $fake {
+            type Target = $crate::fakes::recorder::RunningUpstream<$settings, $call>;
+
+            fn deref(&self) -> &Self::Target {
+                &self.0
             }
         }
+    };
+    ($fake:ty, $call:ty) => {
+        $crate::fakes::recorder::recorded_fake!(@call $call);
 
         impl std::ops::Deref for $fake {
             type Target = $crate::fakes::recorder::Recorder<$call>;
 
             fn deref(&self) -> &Self::Target {
                 &self.shared.recorder
+            }
+        }
+    };
+    (@call $call:ty) => {
+        impl $crate::fakes::recorder::RecordedCall for $call {
+            fn pod_uid(&self) -> Option<&str> {
+                self.pod_uid.as_deref()
             }
         }
     };

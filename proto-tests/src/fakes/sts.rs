@@ -15,22 +15,19 @@
 //! agent sends none.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::Value;
 
-use super::recorder::{recorded_fake, Recorder};
-use super::{serve_loopback, CredentialIssuer, ServerGuard};
+use super::recorder::{recorded_fake, RunningUpstream, Upstream};
+use super::CredentialIssuer;
 use crate::assertions::format_rfc3339_utc;
-use crate::fakes::eks_auth::IssuedCredentials;
+use crate::fakes::eks_auth::{IssuedCredentials, Subject};
 use crate::keys;
 
 /// The XML namespace of every STS response.
@@ -65,9 +62,10 @@ fn is_session_name_byte(b: u8) -> bool {
 }
 
 /// What the fake answers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum StsFault {
     /// Issue credentials.
+    #[default]
     Ok,
     /// A Query-protocol `ErrorResponse` with this status and code.
     Error {
@@ -187,7 +185,10 @@ impl StsCall {
     }
 }
 
-struct State {
+/// What a test sets through the fake's methods (fields private to the fake); by default no
+/// latency and no fault.
+#[derive(Default)]
+pub struct Settings {
     latency: Duration,
     fault: StsFault,
     /// Faults for the next calls, ahead of `fault`.
@@ -196,82 +197,39 @@ struct State {
     lifetime: Option<Duration>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    recorder: Recorder<StsCall>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panicking test thread must not poison the fake for the others.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Handle on a running fake; clones share the same server and state.
+/// Handle on a running fake STS (its `url()` is the agent's `--sts-endpoint`); clones share it.
 #[derive(Clone)]
-pub struct FakeSts {
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    _server: Arc<ServerGuard>,
-}
+pub struct FakeSts(RunningUpstream<Settings, StsCall>);
 
-recorded_fake!(FakeSts, StsCall);
+recorded_fake!(FakeSts, Settings, StsCall);
 
 impl FakeSts {
-    /// Start on `127.0.0.1:0`. Must be called inside a Tokio runtime; the
-    /// server lives until the last handle is dropped.
+    /// Start on `127.0.0.1:0`, inside a Tokio runtime.
     pub async fn start() -> Self {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                latency: Duration::ZERO,
-                fault: StsFault::Ok,
-                queued: VecDeque::new(),
-                lifetime: None,
-            }),
-            recorder: Recorder::default(),
-        });
-        let handler_state = shared.clone();
-        let (addr, guard) = serve_loopback(move |req| handle(handler_state.clone(), req))
-            .await
-            .expect("bind fake STS on 127.0.0.1");
-        Self {
-            shared,
-            addr,
-            _server: Arc::new(guard),
-        }
-    }
-
-    /// Base URL for the agent's `--sts-endpoint`, e.g. `http://127.0.0.1:40123`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        FakeSts(RunningUpstream::start("STS", Settings::default(), handle).await)
     }
 
     /// Delay every subsequent answer by `latency`.
     pub fn set_latency(&self, latency: Duration) {
-        self.shared.lock().latency = latency;
+        self.settings().latency = latency;
     }
 
     /// What every call answers from now on (after any queued faults).
     pub fn set_fault(&self, fault: StsFault) {
-        self.shared.lock().fault = fault;
+        self.settings().fault = fault;
     }
 
     /// Answer the next `times` calls with `fault`, then go back to the
     /// standing fault: a transient failure.
     pub fn fail_next(&self, fault: StsFault, times: usize) {
-        let mut state = self.shared.lock();
+        let mut state = self.settings();
         state.queued.extend(std::iter::repeat_n(fault, times));
     }
 
     /// Lifetime of credentials issued from now on, whatever `DurationSeconds`
     /// asked for.
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
-        self.shared.lock().lifetime = Some(lifetime);
+        self.settings().lifetime = Some(lifetime);
     }
 }
 
@@ -396,7 +354,10 @@ fn validate(call: &StsCall) -> Result<Params<'_>, Rejection> {
     })
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: Arc<Upstream<Settings, StsCall>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let header = |name: &str| {
@@ -432,7 +393,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         role_session_name: first("RoleSessionName"),
         duration_seconds: first("DurationSeconds").and_then(|d| d.parse().ok()),
         web_identity_token,
-        pod_uid: subject.as_ref().map(|s| s.pod_uid.clone()),
+        pod_uid: subject.as_ref().map(|s| s.pod.pod_uid.clone()),
         params,
     };
     let call = shared.recorder.record(|seq| StsCall { seq, ..call });
@@ -543,10 +504,7 @@ impl<'a> RoleArn<'a> {
 
 /// Who a web identity token speaks for, from its unverified claims.
 struct TokenSubject {
-    namespace: String,
-    service_account: String,
-    pod_name: String,
-    pod_uid: String,
+    pod: Subject,
     sub: String,
     issuer: String,
     audience: String,
@@ -555,24 +513,15 @@ struct TokenSubject {
 impl TokenSubject {
     fn parse(token: &str) -> Option<Self> {
         let claims = keys::unverified_claims(token)?;
-        let k8s = claims.get("kubernetes.io")?;
-        let s = |v: &Value| v.as_str().map(str::to_owned);
+        let s = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_default();
         let audience = match &claims["aud"] {
-            Value::String(a) => a.clone(),
-            Value::Array(a) => a
-                .first()
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            _ => String::new(),
+            Value::Array(a) => a.first().map(s).unwrap_or_default(),
+            aud => s(aud),
         };
         Some(Self {
-            namespace: s(&k8s["namespace"])?,
-            service_account: s(&k8s["serviceaccount"]["name"])?,
-            pod_name: s(&k8s["pod"]["name"])?,
-            pod_uid: s(&k8s["pod"]["uid"])?,
-            sub: s(&claims["sub"]).unwrap_or_default(),
-            issuer: s(&claims["iss"]).unwrap_or_default(),
+            pod: Subject::from_claims(&claims)?,
+            sub: s(&claims["sub"]),
+            issuer: s(&claims["iss"]),
             audience,
         })
     }
@@ -584,29 +533,12 @@ impl TokenSubject {
         serial: u64,
         lifetime: Duration,
     ) -> IssuedCredentials {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_secs();
-        let noise = URL_SAFE_NO_PAD.encode(keys::random_bytes::<24>());
-        IssuedCredentials {
-            serial,
-            access_key_id: format!("ASIA{serial:016}"),
-            secret_access_key: format!("fakeStsSecret/{}/{}", self.pod_uid, &noise[..16]),
-            session_token: format!(
-                "FwoGZXIvYXdzFAKESTS{}.pod.{}.serial.{serial}",
-                noise, self.pod_uid
-            ),
-            expiration: now + lifetime.as_secs(),
-            role_arn: format!(
-                "arn:{}:sts::{}:assumed-role/{}/{session_name}",
-                role.partition, role.account, role.name
-            ),
-            namespace: self.namespace.clone(),
-            service_account: self.service_account.clone(),
-            pod_name: self.pod_name.clone(),
-            pod_uid: self.pod_uid.clone(),
-        }
+        let role_arn = format!(
+            "arn:{}:sts::{}:assumed-role/{}/{session_name}",
+            role.partition, role.account, role.name
+        );
+        let marks = ["fakeStsSecret", "FwoGZXIvYXdzFAKESTS"];
+        self.pod.issue(serial, lifetime, marks, role_arn)
     }
 }
 
