@@ -1,9 +1,36 @@
 //! Checks shared by the test files, each failing with the whole response so a
 //! failure explains itself.
 
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use crate::clients::{Sdk, SdkCredentials};
 use crate::fakes::eks_auth::IssuedCredentials;
 use crate::fakes::CredentialIssuer;
 use crate::http::RawResponse;
+use crate::Agent;
+
+/// The contract's deadline for a fresh request whose upstream call fails.
+pub const UPSTREAM_FAILURE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A fresh request whose upstream failed (`what`) got an error status in `allowed`, with the
+/// JSON error body, within [`UPSTREAM_FAILURE_DEADLINE`] (`took`).
+pub fn assert_failed_in_time(
+    response: &RawResponse,
+    allowed: RangeInclusive<u16>,
+    took: Duration,
+    what: &str,
+) {
+    assert!(
+        allowed.contains(&response.status),
+        "{what}: expected {allowed:?}: {response:?}"
+    );
+    assert_error_body(response);
+    assert!(
+        took < UPSTREAM_FAILURE_DEADLINE,
+        "{what}: answered after {took:?}, contract deadline {UPSTREAM_FAILURE_DEADLINE:?}"
+    );
+}
 
 /// A 200 carrying exactly `issued`, in the contract's shape:
 /// `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` with
@@ -47,6 +74,75 @@ pub fn assert_credentials(response: &RawResponse, issued: &IssuedCredentials) {
 }
 
 /// The only credentials the fake issued so far (there must be exactly one).
+/// An SDK resolved exactly `issued`, which are `pod_uid`'s credentials; `account` is checked
+/// where the SDK keeps it (the JS `fromHttp` provider drops `AccountId`).
+pub fn assert_sdk_got(
+    got: &SdkCredentials,
+    sdk: Sdk,
+    issued: &IssuedCredentials,
+    pod_uid: &str,
+    account: &str,
+) {
+    assert_eq!(got.access_key, issued.access_key_id, "{sdk:?}");
+    assert_eq!(got.secret_key, issued.secret_access_key, "{sdk:?}");
+    assert_eq!(
+        got.token.as_deref(),
+        Some(issued.session_token.as_str()),
+        "{sdk:?}"
+    );
+    assert_eq!(issued.pod_uid, pod_uid, "{sdk:?}");
+    if sdk != Sdk::JavaScript {
+        assert_eq!(got.account_id.as_deref(), Some(account), "{sdk:?}");
+    }
+}
+
+/// An AWS SDK client of the fake `upstream` parsed its one issuance: `parsed` is the access key
+/// id, secret key and session token it read, `expiration` the epoch seconds.
+pub fn assert_parsed_the_only_issuance(
+    upstream: &impl CredentialIssuer,
+    parsed: [&str; 3],
+    expiration: i64,
+) {
+    let issued = only_issued(upstream);
+    let expected = [
+        issued.access_key_id.as_str(),
+        &issued.secret_access_key,
+        &issued.session_token,
+    ];
+    assert_eq!(parsed, expected);
+    assert_eq!(expiration, issued.expiration as i64);
+}
+
+/// A 429 with a `Retry-After` an SDK can read (delay-seconds or an HTTP date) and the JSON
+/// error body.
+pub fn assert_throttled_with_retry_after(response: &RawResponse) {
+    assert_eq!(response.status, 429, "{response:?}");
+    let retry_after = response
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("429 without Retry-After: {response:?}"));
+    assert!(
+        retry_after.trim().parse::<u64>().is_ok() || retry_after.ends_with("GMT"),
+        "Retry-After must be delay-seconds or an HTTP date: {retry_after:?}"
+    );
+    assert_error_body(response);
+}
+
+/// Another request with `token` gets `issued` again, from the agent's cache: no upstream call.
+pub async fn assert_answered_from_cache(
+    agent: &Agent,
+    token: &str,
+    upstream: &impl CredentialIssuer,
+    issued: &IssuedCredentials,
+) {
+    let calls = upstream.calls_received();
+    assert_credentials(&agent.fetch_credentials(token).await, issued);
+    assert_eq!(
+        upstream.calls_received(),
+        calls,
+        "served from the cache, not upstream"
+    );
+}
+
 pub fn only_issued(upstream: &impl CredentialIssuer) -> IssuedCredentials {
     let issued = upstream.issued_credentials();
     assert_eq!(

@@ -25,6 +25,21 @@ use crate::agent::target_binary;
 /// interpreter start on a loaded machine adds seconds.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One test per SDK client, each its own test (and so its own agent and fakes):
+/// `for_each_sdk!(check: test_name => Sdk::Rust, ...)` makes `async fn test_name()` run
+/// `check(Sdk::Rust).await`.
+#[macro_export]
+macro_rules! for_each_sdk {
+    ($check:ident: $($test:ident => $sdk:expr),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                $check($sdk).await;
+            }
+        )+
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sdk {
     Rust,
@@ -89,6 +104,20 @@ fn command_for(sdk: Sdk) -> (PathBuf, Vec<PathBuf>) {
             )
         }
     }
+}
+
+/// Write `token` where a pod's projected token would be (a file in `dir`), then run `sdk`'s
+/// credential provider against `full_uri` with it, as [`fetch_credentials`] does.
+pub async fn fetch_credentials_with_token(
+    sdk: Sdk,
+    full_uri: &str,
+    dir: &Path,
+    token: &str,
+) -> Result<SdkCredentials, String> {
+    let token_file = dir.join("eks-pod-identity-token");
+    std::fs::write(&token_file, token)
+        .map_err(|e| format!("write {}: {e}", token_file.display()))?;
+    fetch_credentials(sdk, full_uri, &token_file).await
 }
 
 /// Run `sdk`'s credential provider with

@@ -11,6 +11,7 @@ use crate::agent::{agent_options_methods, Agent, AgentBuilder, AgentOptions, Exi
 use crate::associations::{Association, AssociationsFile, Format};
 use crate::fakes::eks_auth::FakeEksAuth;
 use crate::fakes::sts::FakeSts;
+use crate::http::RawResponse;
 use crate::keys::{write_jwks, Pod, TestKeys};
 
 pub struct TestBed {
@@ -41,6 +42,11 @@ impl TestBed {
     /// A valid RS256 token for `pod`.
     pub fn token(&self, pod: &Pod) -> String {
         pod.token().sign(&self.keys.rsa)
+    }
+
+    /// A credentials request with a valid token of `pod`.
+    pub async fn fetch_as(&self, pod: &Pod) -> RawResponse {
+        self.agent.fetch_credentials(&self.token(pod)).await
     }
 }
 
@@ -118,6 +124,11 @@ impl StsTestBed {
     /// A valid RS256 token for `pod`.
     pub fn token(&self, pod: &Pod) -> String {
         pod.token().sign(&self.keys.rsa)
+    }
+
+    /// A credentials request with a valid token of `pod`.
+    pub async fn fetch_as(&self, pod: &Pod) -> RawResponse {
+        self.agent.fetch_credentials(&self.token(pod)).await
     }
 }
 

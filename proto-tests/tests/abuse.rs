@@ -20,7 +20,7 @@ fn pod() -> Pod {
 
 /// A valid request on a fresh connection gets credentials.
 async fn assert_still_serves(bed: &TestBed) {
-    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    let response = bed.fetch_as(&pod()).await;
     assert_eq!(
         response.status, 200,
         "the agent stopped serving: {response:?}"
@@ -415,7 +415,7 @@ async fn upstream_error_details_stay_in_the_log() {
         "InternalServerException",
         &format!("backend {INTERNAL} failed"),
     ));
-    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    let response = bed.fetch_as(&pod()).await;
     assert_eq!(response.status, 502, "{response:?}");
     assert_eq!(
         response.json_str("code").as_deref(),
@@ -458,11 +458,12 @@ async fn upstream_error_details_stay_in_the_log() {
     }
 }
 
-/// Ten seconds of pipelined requests for a route that does not exist: answered (404s, before
-/// any rate limit), counted in the metrics, and logged a handful of times, not once each.
+/// Three seconds of pipelined requests for a route that does not exist (tens of thousands of
+/// them): answered (404s, before any rate limit), counted in the metrics, and logged a
+/// handful of times, not once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_requests_does_not_flood_the_log() {
-    const FLOOD: Duration = Duration::from_secs(10);
+    const FLOOD: Duration = Duration::from_secs(3);
     let bed = TestBed::start().await;
     let lines_before = bed.agent.log_records().len();
     let addr = bed.agent.credentials_addr();
@@ -499,7 +500,7 @@ async fn a_flood_of_refused_requests_does_not_flood_the_log() {
         "only {refused} requests answered\n{text}"
     );
     let lines = bed.agent.log_records().len() - lines_before;
-    eprintln!("log flood: {refused} refused requests in 10 s, {lines} log lines");
+    eprintln!("log flood: {refused} refused requests in {FLOOD:?}, {lines} log lines");
     assert!(
         lines <= 40,
         "{lines} log lines for {refused} refused requests\n{}",
@@ -531,12 +532,12 @@ async fn stalled_connection(addr: std::net::SocketAddr) -> Option<TcpStream> {
     Some(stream)
 }
 
-/// One pod opens every connection it can, never reads, and holds them (20 s, well past the
-/// first answers' send time; the send timeout is set long so that nothing but the cap frees a
-/// slot): another pod (another source address) is still answered throughout.
+/// One pod opens every connection it can, never reads, and holds them (10 s; the send timeout
+/// is set long so that nothing but the cap frees a slot): another pod (another source
+/// address) is still answered throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_cannot_take_every_connection_slot() {
-    const HOLD: Duration = Duration::from_secs(20);
+    const HOLD: Duration = Duration::from_secs(10);
     const EVERY: Duration = Duration::from_secs(5);
     let bed = TestBed::builder()
         .args([
@@ -556,7 +557,7 @@ async fn one_source_cannot_take_every_connection_slot() {
     for _ in 0..24 {
         held.extend(stalled_connection(addr).await);
     }
-    // Another pod asks every 5 s while the slots are held, the last time after 20 s.
+    // Another pod asks every 5 s while the slots are held, the last time after 10 s.
     let other_pod: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let held_since = Instant::now();
     loop {

@@ -34,6 +34,20 @@ async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
         .await
 }
 
+/// A credentials request from `source` with `token` is answered 200.
+async fn assert_served(bed: &TestBed, source: IpAddr, token: &str) {
+    let response = bed.agent.fetch_credentials_from(source, token).await;
+    assert_eq!(response.status, 200, "from {source}: {response:?}");
+}
+
+/// Wait (at most [`WAIT`]) until the agent's `pod_identity_agent_<gauge>` reads `value`.
+async fn wait_until(bed: &TestBed, gauge: &str, value: f64) {
+    let series = format!("pod_identity_agent_{gauge}");
+    bed.agent
+        .wait_for_metric(&series, |v| v == value, WAIT)
+        .await;
+}
+
 fn assert_refused(response: &RawResponse, status: u16, code: &str) {
     assert_eq!(response.status, status, "{response:?}");
     assert_eq!(
@@ -202,21 +216,11 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     let bed = attesting_bed(&api).await;
     let token = bed.token(&app);
-    assert_eq!(
-        bed.agent
-            .fetch_credentials_from(ip(10), &token)
-            .await
-            .status,
-        200
-    );
-    bed.agent
-        .wait_for_metric("pod_identity_agent_cache_entries", |v| v == 1.0, WAIT)
-        .await;
+    assert_served(&bed, ip(10), &token).await;
+    wait_until(&bed, "cache_entries", 1.0).await;
 
     api.delete_pod("team-a", "app-0");
-    bed.agent
-        .wait_for_metric("pod_identity_agent_cache_entries", |v| v == 0.0, WAIT)
-        .await;
+    wait_until(&bed, "cache_entries", 0.0).await;
     assert_refused(
         &bed.agent.fetch_credentials_from(ip(10), &token).await,
         403,
@@ -245,13 +249,7 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     let job = Pod::new("team-a", "job", "job-0");
     api.add_pod(KubePod::of(&job, NODE, ip(12)));
     let job_token = bed.token(&job);
-    assert_eq!(
-        bed.agent
-            .fetch_credentials_from(ip(12), &job_token)
-            .await
-            .status,
-        200
-    );
+    assert_served(&bed, ip(12), &job_token).await;
     api.update_pod(KubePod::of(&job, NODE, ip(12)).phase("Succeeded"));
     bed.agent
         .wait_for_metric(
@@ -359,9 +357,7 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
         .await;
     // Changes made after the outage arrive through the resumed watch.
     api.delete_pod("team-a", "web-0");
-    bed.agent
-        .wait_for_metric("pod_identity_agent_pods_known", |v| v == 1.0, WAIT)
-        .await;
+    wait_until(&bed, "pods_known", 1.0).await;
     assert_refused(
         &bed.agent
             .fetch_credentials_from(ip(11), &bed.token(&web))
@@ -389,23 +385,13 @@ async fn a_lagging_watch_still_serves_new_pods() {
         1,
         "read directly: the watch had not delivered it"
     );
-    bed.agent
-        .wait_for_metric("pod_identity_agent_pods_known", |v| v == 1.0, WAIT)
-        .await;
+    wait_until(&bed, "pods_known", 1.0).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        bed.agent
-            .fetch_credentials_from(ip(10), &token)
-            .await
-            .status,
-        200
-    );
+    assert_served(&bed, ip(10), &token).await;
     assert_eq!(api.gets(), 1);
 
     api.delete_pod("team-a", "app-0");
-    bed.agent
-        .wait_for_metric("pod_identity_agent_pods_known", |v| v == 0.0, WAIT)
-        .await;
+    wait_until(&bed, "pods_known", 0.0).await;
     assert_refused(
         &bed.agent.fetch_credentials_from(ip(10), &token).await,
         403,

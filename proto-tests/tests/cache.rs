@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use proto_tests::agent::{burst, CREDENTIALS_PATH};
-use proto_tests::assertions::{assert_credentials, only_issued};
+use proto_tests::assertions::{assert_answered_from_cache, assert_credentials, only_issued};
 use proto_tests::metrics;
 use proto_tests::{Fault, Pod, TestBed, TestKeys};
 use tokio::io::AsyncWriteExt;
@@ -46,13 +46,8 @@ async fn rotated_token_for_the_same_pod_reuses_cached_credentials() {
     // The kubelet writes a new token for the same pod.
     let rotated = pod.token().sign(&bed.keys.rsa);
     assert_ne!(first, rotated);
-    let response = bed.agent.fetch_credentials(&rotated).await;
-    assert_credentials(&response, &issued);
-    assert_eq!(
-        bed.upstream.calls(),
-        1,
-        "rotation must not cost an upstream call"
-    );
+    // Rotation must not cost an upstream call.
+    assert_answered_from_cache(&bed.agent, &rotated, &bed.upstream, &issued).await;
 }
 
 #[tokio::test]
@@ -60,8 +55,8 @@ async fn pods_of_one_service_account_get_their_own_credentials_by_default() {
     let bed = TestBed::start().await;
     let a = Pod::new("team-a", "app", "app-a");
     let b = a.sibling("app-b");
-    let ra = bed.agent.fetch_credentials(&bed.token(&a)).await;
-    let rb = bed.agent.fetch_credentials(&bed.token(&b)).await;
+    let ra = bed.fetch_as(&a).await;
+    let rb = bed.fetch_as(&b).await;
     assert_eq!(bed.upstream.calls(), 2, "one upstream call per pod");
     assert_eq!(bed.upstream.calls_for_pod(&a.uid), 1);
     assert_eq!(bed.upstream.calls_for_pod(&b.uid), 1);
@@ -80,15 +75,15 @@ async fn association_scope_shares_credentials_per_service_account() {
         .await;
     let a = Pod::new("team-a", "app", "app-a");
     let b = a.sibling("app-b");
-    let ra = bed.agent.fetch_credentials(&bed.token(&a)).await;
-    let rb = bed.agent.fetch_credentials(&bed.token(&b)).await;
+    let ra = bed.fetch_as(&a).await;
+    let rb = bed.fetch_as(&b).await;
     let issued = only_issued(&bed.upstream);
     assert_credentials(&ra, &issued);
     assert_credentials(&rb, &issued);
 
     // A different service account is a different association.
     let other = Pod::new("team-a", "other", "other-0");
-    let ro = bed.agent.fetch_credentials(&bed.token(&other)).await;
+    let ro = bed.fetch_as(&other).await;
     assert_eq!(ro.status, 200, "{ro:?}");
     assert_eq!(bed.upstream.calls(), 2);
     assert_ne!(ro.json_str("AccessKeyId"), ra.json_str("AccessKeyId"));
@@ -132,12 +127,12 @@ async fn client_hanging_up_does_not_cancel_the_upstream_fetch() {
 async fn cached_credentials_are_served_through_upstream_failure() {
     let bed = TestBed::start().await;
     let pod = Pod::new("team-a", "app", "app-0");
-    let response = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+    let response = bed.fetch_as(&pod).await;
     let issued = only_issued(&bed.upstream);
     assert_credentials(&response, &issued);
     for fault in [Fault::internal(), Fault::throttling(), Fault::Hang] {
         bed.upstream.set_fault(fault.clone());
-        let response = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+        let response = bed.fetch_as(&pod).await;
         assert_credentials(&response, &issued);
         assert_eq!(bed.upstream.issued().len(), 1, "{fault:?}");
     }

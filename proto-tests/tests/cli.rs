@@ -200,58 +200,17 @@ fn upstream_flag_values_are_accepted() {
     // Upstream's meanings: 0 turns caching off; any positive retention is accepted (a short
     // one with a warning if it would outrun --max-service-qps); -v takes logrus level names
     // before or after the subcommand.
-    for args in [
-        &[
-            "server",
-            "--cluster-name",
-            "c",
-            "--max-cache-size",
-            "0",
-            "--dry-run",
-        ][..],
-        &[
-            "server",
-            "--cluster-name",
-            "c",
-            "--max-credential-retention-before-renewal",
-            "0",
-            "--dry-run",
-        ][..],
-        &[
-            "server",
-            "--cluster-name",
-            "c",
-            "--max-credential-retention-before-renewal",
-            "5s",
-            "--dry-run",
-        ][..],
-        &["-v", "trace", "server", "--cluster-name", "c", "--dry-run"][..],
-        &[
-            "server",
-            "--cluster-name",
-            "c",
-            "--dry-run",
-            "--verbosity",
-            "warning",
-        ][..],
-        &[
-            "--verbosity",
-            "panic",
-            "server",
-            "--cluster-name",
-            "c",
-            "--dry-run",
-        ][..],
-        &[
-            "server",
-            "--cluster-name",
-            "c",
-            "--max-service-qps",
-            "0",
-            "--dry-run",
-        ][..],
+    for line in [
+        "server --cluster-name c --max-cache-size 0 --dry-run",
+        "server --cluster-name c --max-credential-retention-before-renewal 0 --dry-run",
+        "server --cluster-name c --max-credential-retention-before-renewal 5s --dry-run",
+        "-v trace server --cluster-name c --dry-run",
+        "server --cluster-name c --dry-run --verbosity warning",
+        "--verbosity panic server --cluster-name c --dry-run",
+        "server --cluster-name c --max-service-qps 0 --dry-run",
     ] {
-        let (code, stderr) = run(args);
-        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(0), "{line}: {stderr}");
     }
 }

@@ -4,13 +4,13 @@
 use std::time::{Duration, Instant};
 
 use proto_tests::agent::CLUSTER_NAME;
-use proto_tests::assertions::{assert_credentials, assert_error_body, only_issued};
-use proto_tests::clients::{fetch_credentials, Sdk};
+use proto_tests::assertions::{
+    assert_credentials, assert_error_body, assert_failed_in_time, assert_sdk_got,
+    assert_throttled_with_retry_after, only_issued,
+};
+use proto_tests::clients::{fetch_credentials_with_token, Sdk};
 use proto_tests::fakes::eks_auth::ACCOUNT_ID;
 use proto_tests::{Fault, Pod, TestBed};
-
-/// The contract's deadline for a fresh request whose upstream call fails.
-const UPSTREAM_FAILURE_DEADLINE: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn valid_rs256_token_gets_the_issued_credentials() {
@@ -47,56 +47,25 @@ async fn valid_es256_token_gets_the_issued_credentials() {
 async fn sdk_gets_issued_credentials(sdk: Sdk) {
     let bed = TestBed::start().await;
     let pod = Pod::new("team-a", "app", &format!("app-{sdk:?}").to_lowercase());
-    let token_file = bed.dir.path().join("eks-pod-identity-token");
-    std::fs::write(&token_file, bed.token(&pod)).expect("write token file");
-
-    let got = fetch_credentials(sdk, &bed.agent.credentials_url(), &token_file)
+    let url = bed.agent.credentials_url();
+    let got = fetch_credentials_with_token(sdk, &url, bed.dir.path(), &bed.token(&pod))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", bed.agent.logs_text()));
-
-    let issued = only_issued(&bed.upstream);
-    assert_eq!(got.access_key, issued.access_key_id);
-    assert_eq!(got.secret_key, issued.secret_access_key);
-    assert_eq!(got.token.as_deref(), Some(issued.session_token.as_str()));
-    assert_eq!(issued.pod_uid, pod.uid);
-    if sdk != Sdk::JavaScript {
-        // fromHttp ignores AccountId; botocore and aws-config keep it.
-        assert_eq!(got.account_id.as_deref(), Some(ACCOUNT_ID));
-    }
+    assert_sdk_got(&got, sdk, &only_issued(&bed.upstream), &pod.uid, ACCOUNT_ID);
 }
 
-#[tokio::test]
-async fn rust_sdk_ecs_provider_gets_issued_credentials() {
-    sdk_gets_issued_credentials(Sdk::Rust).await;
-}
-
-#[tokio::test]
-async fn botocore_gets_issued_credentials() {
-    sdk_gets_issued_credentials(Sdk::Python).await;
-}
-
-#[tokio::test]
-async fn js_v3_from_http_gets_issued_credentials() {
-    sdk_gets_issued_credentials(Sdk::JavaScript).await;
-}
+proto_tests::for_each_sdk!(sdk_gets_issued_credentials:
+    rust_sdk_ecs_provider_gets_issued_credentials => Sdk::Rust,
+    botocore_gets_issued_credentials => Sdk::Python,
+    js_v3_from_http_gets_issued_credentials => Sdk::JavaScript,
+);
 
 #[tokio::test]
 async fn upstream_throttling_is_429_with_retry_after_and_not_retried() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::throttling());
-    let response = bed
-        .agent
-        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
-        .await;
-    assert_eq!(response.status, 429, "{response:?}");
-    let retry_after = response
-        .header("retry-after")
-        .unwrap_or_else(|| panic!("429 without Retry-After: {response:?}"));
-    assert!(
-        retry_after.trim().parse::<u64>().is_ok() || retry_after.ends_with("GMT"),
-        "Retry-After must be delay-seconds or an HTTP date: {retry_after:?}"
-    );
-    assert_error_body(&response);
+    let response = bed.fetch_as(&Pod::new("ns", "sa", "p")).await;
+    assert_throttled_with_retry_after(&response);
     assert_eq!(
         bed.upstream.calls(),
         1,
@@ -108,10 +77,7 @@ async fn upstream_throttling_is_429_with_retry_after_and_not_retried() {
 async fn upstream_resource_not_found_is_404_with_its_code() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::resource_not_found());
-    let response = bed
-        .agent
-        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
-        .await;
+    let response = bed.fetch_as(&Pod::new("ns", "sa", "p")).await;
     assert_eq!(response.status, 404, "{response:?}");
     assert_eq!(assert_error_body(&response), "ResourceNotFoundException");
 }
@@ -152,10 +118,7 @@ async fn a_pod_without_an_association_does_not_cost_an_upstream_call_per_request
 async fn upstream_access_denied_passes_its_code() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::access_denied());
-    let response = bed
-        .agent
-        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
-        .await;
+    let response = bed.fetch_as(&Pod::new("ns", "sa", "p")).await;
     assert!(
         matches!(response.status, 400 | 403),
         "expected 400 or 403: {response:?}"
@@ -168,16 +131,12 @@ async fn upstream_internal_error_is_502() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::internal());
     let started = Instant::now();
-    let response = bed
-        .agent
-        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
-        .await;
-    let elapsed = started.elapsed();
-    assert_eq!(response.status, 502, "{response:?}");
-    assert_error_body(&response);
-    assert!(
-        elapsed < UPSTREAM_FAILURE_DEADLINE,
-        "answered after {elapsed:?}, contract deadline {UPSTREAM_FAILURE_DEADLINE:?}"
+    let response = bed.fetch_as(&Pod::new("ns", "sa", "p")).await;
+    assert_failed_in_time(
+        &response,
+        502..=502,
+        started.elapsed(),
+        "InternalServerException",
     );
 }
 
@@ -186,19 +145,7 @@ async fn hanging_upstream_fails_the_request_within_5s() {
     let bed = TestBed::start().await;
     bed.upstream.set_fault(Fault::Hang);
     let started = Instant::now();
-    let response = bed
-        .agent
-        .fetch_credentials(&bed.token(&Pod::new("ns", "sa", "p")))
-        .await;
-    let elapsed = started.elapsed();
-    assert!(
-        matches!(response.status, 502..=504),
-        "expected 502/503/504: {response:?}"
-    );
-    assert_error_body(&response);
-    assert!(
-        elapsed < UPSTREAM_FAILURE_DEADLINE,
-        "answered after {elapsed:?}, contract deadline {UPSTREAM_FAILURE_DEADLINE:?}"
-    );
+    let response = bed.fetch_as(&Pod::new("ns", "sa", "p")).await;
+    assert_failed_in_time(&response, 502..=504, started.elapsed(), "hanging upstream");
     assert!(bed.upstream.calls() >= 1, "the upstream was asked");
 }

@@ -50,17 +50,27 @@ fn read(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// `scripts/validate-deploy`, run once per test process: its verdict is
-/// [`manifests_pass_validate_deploy`]'s, and it also installs the PyYAML the
-/// other tests read manifests with.
-fn validate_deploy() -> &'static Output {
-    static RUN: OnceLock<Output> = OnceLock::new();
+/// `scripts/validate-deploy [args]`.
+fn run_validate_deploy(args: &[&str]) -> Output {
+    Command::new(repo_root().join("scripts/validate-deploy"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/validate-deploy")
+}
+
+/// The tools `scripts/validate-deploy` installs (PyYAML in the venv, kubectl, promtool), once
+/// per test process; its checks are [`manifests_pass_validate_deploy`]'s alone.
+fn validate_deploy() {
+    static RUN: OnceLock<()> = OnceLock::new();
     RUN.get_or_init(|| {
-        Command::new(repo_root().join("scripts/validate-deploy"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run scripts/validate-deploy")
-    })
+        let out = run_validate_deploy(&["--tools-only"]);
+        assert!(
+            out.status.success(),
+            "scripts/validate-deploy --tools-only failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
 }
 
 /// Every document of a YAML stream, as JSON.
@@ -110,7 +120,7 @@ fn kustomize(relative_dir: &str) -> String {
 
 #[test]
 fn manifests_pass_validate_deploy() {
-    let out = validate_deploy();
+    let out = run_validate_deploy(&[]);
     assert!(
         out.status.success(),
         "scripts/validate-deploy failed ({}):\n{}\n{}",

@@ -11,7 +11,7 @@ use aws_sdk_eksauth::error::ProvideErrorMetadata;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Response;
-use proto_tests::assertions::format_rfc3339_utc;
+use proto_tests::assertions::{assert_parsed_the_only_issuance, format_rfc3339_utc};
 use proto_tests::clients::{fetch_credentials, Sdk};
 use proto_tests::fakes::eks_auth::ACCOUNT_ID;
 use proto_tests::fakes::serve_loopback;
@@ -42,13 +42,13 @@ async fn eks_auth_fake_speaks_the_sdk_wire_format() {
         .send()
         .await
         .expect("SDK parses the fake's success response");
-    let issued = fake.issued();
-    assert_eq!(issued.len(), 1);
     let creds = out.credentials().expect("credentials");
-    assert_eq!(creds.access_key_id(), issued[0].access_key_id);
-    assert_eq!(creds.secret_access_key(), issued[0].secret_access_key);
-    assert_eq!(creds.session_token(), issued[0].session_token);
-    assert_eq!(creds.expiration().secs(), issued[0].expiration as i64);
+    let parsed = [
+        creds.access_key_id(),
+        creds.secret_access_key(),
+        creds.session_token(),
+    ];
+    assert_parsed_the_only_issuance(&fake, parsed, creds.expiration().secs());
     assert_eq!(out.subject().unwrap().service_account(), "app");
     assert_eq!(out.audience(), "pods.eks.amazonaws.com");
     assert!(out
@@ -158,17 +158,8 @@ async fn sdk_accepts_contract_response(sdk: Sdk) {
     }
 }
 
-#[tokio::test]
-async fn rust_sdk_client_accepts_contract_response() {
-    sdk_accepts_contract_response(Sdk::Rust).await;
-}
-
-#[tokio::test]
-async fn python_sdk_client_accepts_contract_response() {
-    sdk_accepts_contract_response(Sdk::Python).await;
-}
-
-#[tokio::test]
-async fn js_sdk_client_accepts_contract_response() {
-    sdk_accepts_contract_response(Sdk::JavaScript).await;
-}
+proto_tests::for_each_sdk!(sdk_accepts_contract_response:
+    rust_sdk_client_accepts_contract_response => Sdk::Rust,
+    python_sdk_client_accepts_contract_response => Sdk::Python,
+    js_sdk_client_accepts_contract_response => Sdk::JavaScript,
+);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use aws_sdk_sts::config::retry::RetryConfig;
 use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sts::error::ProvideErrorMetadata;
+use proto_tests::assertions::assert_parsed_the_only_issuance;
 use proto_tests::fakes::sts::{ACTION, API_VERSION};
 use proto_tests::{FakeSts, Moto, Pod, StsFault, TestKeys};
 
@@ -44,13 +45,13 @@ async fn sts_fake_speaks_the_sdk_wire_format() {
         .await
         .expect("SDK parses the fake's success response");
 
-    let issued = fake.issued();
-    assert_eq!(issued.len(), 1);
     let creds = out.credentials().expect("credentials");
-    assert_eq!(creds.access_key_id(), issued[0].access_key_id);
-    assert_eq!(creds.secret_access_key(), issued[0].secret_access_key);
-    assert_eq!(creds.session_token(), issued[0].session_token);
-    assert_eq!(creds.expiration().secs(), issued[0].expiration as i64);
+    let parsed = [
+        creds.access_key_id(),
+        creds.secret_access_key(),
+        creds.session_token(),
+    ];
+    assert_parsed_the_only_issuance(&fake, parsed, creds.expiration().secs());
     assert!(creds.secret_access_key().contains(&pod.uid));
     assert!(creds.session_token().contains(&pod.uid));
     let user = out.assumed_role_user().expect("assumed role user");

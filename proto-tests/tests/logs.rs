@@ -118,14 +118,12 @@ impl<'de> serde::Deserialize<'de> for ObjectKeys {
 async fn every_log_line_is_a_json_object_with_unique_keys() {
     let mut bed = TestBed::start().await;
     let pod = Pod::new("team-a", "app", "app-0");
-    bed.agent.fetch_credentials(&bed.token(&pod)).await;
+    bed.fetch_as(&pod).await;
     bed.agent.fetch_credentials("not-a-token").await;
     // Upstream errors carry a message of their own; it must not clobber the
     // log line's `message`.
     bed.upstream.set_fault(Fault::access_denied());
-    bed.agent
-        .fetch_credentials(&bed.token(&Pod::new("team-b", "other", "other-0")))
-        .await;
+    bed.fetch_as(&Pod::new("team-b", "other", "other-0")).await;
     bed.agent.sigterm();
     bed.agent.wait_exit(Duration::from_secs(10)).await;
     let mut bad = Vec::new();

@@ -166,25 +166,12 @@ fn initialize_twice_then_serve_on_the_link_local_addresses() {
 /// it).
 fn ns_agent(jwks: &std::path::Path, endpoint: &str) -> Child {
     Command::new(agent_binary())
-        .args([
-            "server",
-            "--cluster-name",
-            "node-test",
-            "--probe-port",
-            "0",
-            "--metrics-address",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ])
-        .args([
-            "--endpoint",
-            endpoint,
-            "--region",
-            "us-west-2",
-            "--log-format",
-            "json",
-        ])
+        .args(
+            "server --cluster-name node-test --probe-port 0 --metrics-address 127.0.0.1 \
+             --metrics-port 0 --region us-west-2 --log-format json"
+                .split_whitespace(),
+        )
+        .args(["--endpoint", endpoint])
         .arg("--jwks-file")
         .arg(jwks)
         .args(["--issuer", proto_tests::keys::DEFAULT_ISSUER])

@@ -125,7 +125,7 @@ async fn the_cache_size_bound_holds_at_every_answer() {
         .map(|n| Pod::new("team-a", "app", &format!("app-{n}")))
         .collect();
     for pod in pods.iter().chain([&pods[0]]) {
-        let response = bed.agent.fetch_credentials(&bed.token(pod)).await;
+        let response = bed.fetch_as(pod).await;
         assert_eq!(response.status, 200, "{response:?}");
         let text = bed.agent.metrics_text().await;
         let entries = metrics::value(&text, "pod_identity_agent_cache_entries").unwrap();

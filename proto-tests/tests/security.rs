@@ -83,7 +83,7 @@ async fn forged_and_unfit_tokens_are_rejected_without_an_upstream_call() {
             calls,
             "{what}: a rejected token must not reach EKS Auth"
         );
-        let control = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+        let control = bed.fetch_as(&pod).await;
         assert_credentials(&control, &only_issued(&bed.upstream));
     }
 }
@@ -122,14 +122,16 @@ async fn host_header_must_name_a_bound_address() {
         "[::1]".to_owned(),
         "127.0.0.1.nip.io".to_owned(),
     ];
-    for host in &rejected {
-        let response = bed
-            .agent
-            .get(
-                CREDENTIALS_PATH,
-                &[("Host", host.as_str()), ("Authorization", &token)],
-            )
-            .await;
+    let with_host = |host: String| {
+        let token = token.clone();
+        let agent = &bed.agent;
+        async move {
+            let headers = [("Host", host.as_str()), ("Authorization", token.as_str())];
+            (agent.get(CREDENTIALS_PATH, &headers).await, host)
+        }
+    };
+    for host in rejected {
+        let (response, host) = with_host(host).await;
         assert_eq!(response.status, 403, "Host: {host}: {response:?}");
         assert_error_body(&response);
     }
@@ -139,13 +141,7 @@ async fn host_header_must_name_a_bound_address() {
         "a spoofed Host must not reach EKS Auth"
     );
     for host in ["127.0.0.1".to_owned(), format!("127.0.0.1:{port}")] {
-        let response = bed
-            .agent
-            .get(
-                CREDENTIALS_PATH,
-                &[("Host", host.as_str()), ("Authorization", &token)],
-            )
-            .await;
+        let (response, host) = with_host(host).await;
         assert_eq!(response.status, 200, "Host: {host}: {response:?}");
     }
 }
@@ -239,7 +235,7 @@ async fn oversized_header_is_refused_and_the_agent_survives() {
         "expected 431 or 400: {response:?}"
     );
     assert_eq!(bed.upstream.calls(), 0);
-    let control = bed.agent.fetch_credentials(&bed.token(&pod)).await;
+    let control = bed.fetch_as(&pod).await;
     assert_eq!(control.status, 200, "{control:?}");
 }
 
@@ -263,7 +259,7 @@ async fn slow_clients_do_not_block_others() {
     for _ in 0..16 {
         slow.push(start_slow_request(addr).await);
     }
-    let response = bed.agent.fetch_credentials(&bed.token(&pod())).await;
+    let response = bed.fetch_as(&pod()).await;
     assert_credentials(&response, &only_issued(&bed.upstream));
     drop(slow);
 }

@@ -4,14 +4,28 @@ use std::time::Duration;
 
 use proto_tests::agent::{send_to, CREDENTIALS_PATH};
 use proto_tests::assertions::{assert_credentials, only_issued};
+use proto_tests::http::RawResponse;
 use proto_tests::{Pod, TestBed};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 
-#[tokio::test]
-async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
-    let mut bed = TestBed::start().await;
+/// The agent exits 0 within [`EXIT_DEADLINE`].
+async fn assert_exits_zero(bed: &mut TestBed) {
+    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "expected exit 0 within {EXIT_DEADLINE:?}, got {status:?}\n{}",
+        bed.agent.logs_text()
+    );
+}
+
+/// An agent whose upstream answers after 1 s (shorter than the agent's upstream deadline, long
+/// enough to drain), with one request waiting on it.
+async fn a_request_in_flight() -> (TestBed, JoinHandle<std::io::Result<RawResponse>>) {
+    let bed = TestBed::start().await;
     bed.upstream.set_latency(Duration::from_secs(1));
     let addr = bed.agent.credentials_addr();
     let token = bed.token(&Pod::new("team-a", "app", "app-0"));
@@ -23,32 +37,25 @@ async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
         "request never reached EKS Auth\n{}",
         bed.agent.logs_text()
     );
+    (bed, in_flight)
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
+    let (mut bed, in_flight) = a_request_in_flight().await;
     bed.agent.sigterm();
     let response = in_flight
         .await
         .expect("request task")
         .unwrap_or_else(|e| panic!("in-flight request failed: {e}\n{}", bed.agent.logs_text()));
     assert_credentials(&response, &only_issued(&bed.upstream));
-    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "expected exit 0 within {EXIT_DEADLINE:?}, got {status:?}\n{}",
-        bed.agent.logs_text()
-    );
+    assert_exits_zero(&mut bed).await;
 }
 
 #[tokio::test]
 async fn sigterm_stops_accepting_while_draining() {
-    let mut bed = TestBed::start().await;
-    // Shorter than the agent's upstream deadline, long enough to drain.
-    bed.upstream.set_latency(Duration::from_secs(1));
+    let (mut bed, in_flight) = a_request_in_flight().await;
     let addr = bed.agent.credentials_addr();
-    let token = bed.token(&Pod::new("team-a", "app", "app-0"));
-    let in_flight = tokio::spawn(async move {
-        send_to(addr, "GET", CREDENTIALS_PATH, &[("Authorization", &token)]).await
-    });
-    assert!(bed.upstream.wait_for_calls(1, Duration::from_secs(5)).await);
     bed.agent.sigterm();
     // Bounded by the drain itself: the refusal must come while the request
     // is still in flight, i.e. before the process simply went away.
@@ -72,19 +79,12 @@ async fn sigterm_stops_accepting_while_draining() {
     );
     let response = in_flight.await.expect("task").expect("in-flight request");
     assert_eq!(response.status, 200, "{response:?}");
-    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}");
+    assert_exits_zero(&mut bed).await;
 }
 
 #[tokio::test]
 async fn sigterm_when_idle_exits_zero() {
     let mut bed = TestBed::start().await;
     bed.agent.sigterm();
-    let status = bed.agent.wait_exit(EXIT_DEADLINE).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "expected exit 0 within {EXIT_DEADLINE:?}, got {status:?}\n{}",
-        bed.agent.logs_text()
-    );
+    assert_exits_zero(&mut bed).await;
 }

@@ -31,12 +31,8 @@ use tokio::task::{AbortHandle, JoinSet};
 pub trait CredentialIssuer {
     /// Every credential issued so far, in order.
     fn issued_credentials(&self) -> Vec<eks_auth::IssuedCredentials>;
-}
-
-impl CredentialIssuer for eks_auth::FakeEksAuth {
-    fn issued_credentials(&self) -> Vec<eks_auth::IssuedCredentials> {
-        self.issued()
-    }
+    /// Requests received so far.
+    fn calls_received(&self) -> u64;
 }
 
 /// Stops a fake server (its accept loop and every open connection) when dropped.

@@ -241,11 +241,21 @@ impl<C: RecordedCall> Recorder<C> {
 /// A fake's calls carry the pod they were made for, and the fake reads as its [`Recorder`]
 /// (`calls()`, `issued()`, `wait_for_calls()`...). An upstream fake, a newtype of its
 /// [`RunningUpstream`] (`recorded_fake!(Fake, Settings, Call)`), reads as that, `url()`
-/// included; another fake keeps its recorder in `self.shared.recorder`
+/// included, and is a [`CredentialIssuer`](crate::fakes::CredentialIssuer); another fake keeps its recorder in `self.shared.recorder`
 /// (`recorded_fake!(Fake, Call)`).
 macro_rules! recorded_fake {
     ($fake:ty, $settings:ty, $call:ty) => {
         $crate::fakes::recorder::recorded_fake!(@call $call);
+
+        impl $crate::fakes::CredentialIssuer for $fake {
+            fn issued_credentials(&self) -> Vec<$crate::fakes::eks_auth::IssuedCredentials> {
+                self.issued()
+            }
+
+            fn calls_received(&self) -> u64 {
+                self.calls()
+            }
+        }
 
         impl std::ops::Deref for $fake {
             type Target = $crate::fakes::recorder::RunningUpstream<$settings, $call>;

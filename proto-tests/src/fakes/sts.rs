@@ -25,7 +25,6 @@ use hyper::{Method, Request, Response};
 use serde_json::Value;
 
 use super::recorder::{recorded_fake, RunningUpstream, Upstream};
-use super::CredentialIssuer;
 use crate::assertions::format_rfc3339_utc;
 use crate::fakes::eks_auth::{IssuedCredentials, Subject};
 use crate::keys;
@@ -233,12 +232,6 @@ impl FakeSts {
     }
 }
 
-impl CredentialIssuer for FakeSts {
-    fn issued_credentials(&self) -> Vec<IssuedCredentials> {
-        self.issued()
-    }
-}
-
 /// A malformed request: answered with a Query error and no credentials.
 struct Rejection {
     status: u16,
@@ -277,18 +270,17 @@ struct Params<'a> {
 
 fn validate(call: &StsCall) -> Result<Params<'_>, Rejection> {
     let action = call.action.as_deref().ok_or(Rejection::missing("Action"))?;
-    if action != ACTION {
-        return Err(Rejection {
-            status: 400,
-            code: "InvalidAction",
-            message: format!("Could not find operation {action} for version {API_VERSION}"),
-        });
-    }
     let version = call
         .version
         .as_deref()
         .ok_or(Rejection::missing("Version"))?;
-    if version != API_VERSION {
+    if action != ACTION || version != API_VERSION {
+        // STS names the version it was given, or its own when the action alone is wrong.
+        let version = if action == ACTION {
+            version
+        } else {
+            API_VERSION
+        };
         return Err(Rejection {
             status: 400,
             code: "InvalidAction",
