@@ -419,30 +419,26 @@ impl std::fmt::Debug for StaticUpstreamCredentials {
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Credential source: EKS Auth or STS.
-    pub backend: BackendKind,
-    /// Associations file (sts backend).
-    pub associations: Option<PathBuf>,
-    /// STS endpoint override, validated, without a trailing slash.
-    pub sts_endpoint: Option<String>,
-    /// EKS cluster name (eks-auth backend; empty for sts).
-    pub cluster_name: String,
-    /// Where pods ask for credentials: every bind host on the credentials port.
-    pub credential_listeners: Vec<SocketAddr>,
-    /// Where the kubelet asks for /healthz and /readyz.
-    pub probe_listener: SocketAddr,
-    /// Where Prometheus scrapes /metrics.
-    pub metrics_listener: SocketAddr,
-    /// EKS Auth endpoint URL, validated, without a trailing slash.
-    pub endpoint: Option<String>,
-    /// AWS region; `None` leaves it to the SDK's chain.
-    pub region: Option<String>,
+    /// Where the credentials come from.
+    pub upstream: UpstreamConfig,
     /// Where verification keys come from; `None` sends tokens upstream unverified.
     pub key_source: Option<KeySource>,
+    /// Keys may come over plain http from anywhere, not only from loopback.
+    pub allow_insecure_key_source: bool,
     /// The issuer a token must name.
     pub issuer: Option<String>,
+    /// Refuse tokens that name no node at all.
+    pub require_node_claim: bool,
     /// A token must carry at least one of these audiences.
     pub audiences: Vec<String>,
+    /// What a caller must prove besides holding a valid token.
+    pub caller_attestation: CallerAttestation,
+    /// This node's name: tokens bound to another node are refused.
+    pub node_name: Option<String>,
+    /// How long each watch of the node's pods runs before it is renewed.
+    pub pod_watch_timeout: Duration,
+    /// Where the agent listens, and what its credentials listeners allow.
+    pub listen: ListenConfig,
     /// What a cache entry is kept for: each pod, or each association.
     pub cache_scope: CacheScope,
     /// Cached entries at most (0: no caching).
@@ -453,30 +449,48 @@ pub struct Config {
     pub max_service_qps: f64,
     /// Upstream calls in flight at once.
     pub max_upstream_concurrency: usize,
-    /// Open connections per credentials listener.
-    pub max_connections: usize,
-    /// Header read timeout, which is also how long an idle keep-alive connection is kept.
-    pub idle_timeout: Duration,
-    /// Open connections one source address may hold per credentials listener.
-    pub max_connections_per_source: usize,
-    /// How long an answer may wait for its client to read it.
-    pub send_timeout: Duration,
-    /// Request rates per caller and for the node.
-    pub limits: RequestLimits,
+}
+
+/// Where the credentials come from, and with which of the agent's own credentials it asks.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Credential source: EKS Auth or STS.
+    pub backend: BackendKind,
+    /// Associations file (sts backend).
+    pub associations: Option<PathBuf>,
+    /// STS endpoint override, validated, without a trailing slash.
+    pub sts_endpoint: Option<String>,
+    /// EKS cluster name (eks-auth backend; empty for sts).
+    pub cluster_name: String,
+    /// EKS Auth endpoint URL, validated, without a trailing slash.
+    pub endpoint: Option<String>,
+    /// AWS region; `None` leaves it to the SDK's chain.
+    pub region: Option<String>,
     /// The demo's credentials for its own upstream calls; the daemon uses the SDK's chain.
     pub static_upstream_credentials: Option<StaticUpstreamCredentials>,
     /// Re-read the shared credentials file this often (hybrid nodes), instead of the SDK chain.
     pub rotate_credentials: Option<Duration>,
-    /// Keys may come over plain http from anywhere, not only from loopback.
-    pub allow_insecure_key_source: bool,
-    /// This node's name: tokens bound to another node are refused.
-    pub node_name: Option<String>,
-    /// Refuse tokens that name no node at all.
-    pub require_node_claim: bool,
-    /// What a caller must prove besides holding a valid token.
-    pub caller_attestation: CallerAttestation,
-    /// How long each watch of the node's pods runs before it is renewed.
-    pub pod_watch_timeout: Duration,
+}
+
+/// The listeners, and what a credentials listener allows its clients.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// Where pods ask for credentials: every bind host on the credentials port.
+    pub credential_listeners: Vec<SocketAddr>,
+    /// Where the kubelet asks for /healthz and /readyz.
+    pub probe_listener: SocketAddr,
+    /// Where Prometheus scrapes /metrics.
+    pub metrics_listener: SocketAddr,
+    /// Open connections per credentials listener.
+    pub max_connections: usize,
+    /// Open connections one source address may hold per credentials listener.
+    pub max_connections_per_source: usize,
+    /// Header read timeout, which is also how long an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+    /// How long an answer may wait for its client to read it.
+    pub send_timeout: Duration,
+    /// Request rates per caller and for the node.
+    pub limits: RequestLimits,
 }
 
 /// Request limits of the credentials port (a rate of 0 disables that limit).
@@ -761,42 +775,46 @@ impl ServerArgs {
             }
         }
         Ok(Config {
-            backend: self.backend,
-            associations,
-            sts_endpoint,
-            cluster_name,
-            credential_listeners,
-            probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
-            metrics_listener: SocketAddr::new(self.metrics_address, self.metrics_port),
-            endpoint,
-            region: self.region,
+            upstream: UpstreamConfig {
+                backend: self.backend,
+                associations,
+                sts_endpoint,
+                cluster_name,
+                endpoint,
+                region: self.region,
+                static_upstream_credentials: None,
+                rotate_credentials: self
+                    .rotate_credentials
+                    .then_some(self.rotate_credentials_interval),
+            },
+            listen: ListenConfig {
+                credential_listeners,
+                probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
+                metrics_listener: SocketAddr::new(self.metrics_address, self.metrics_port),
+                max_connections: self.max_connections,
+                max_connections_per_source: self.max_connections_per_source,
+                idle_timeout,
+                send_timeout,
+                limits: RequestLimits {
+                    caller_rate: self.caller_rate_limit,
+                    caller_burst: self.caller_burst,
+                    global_rate: self.global_rate_limit,
+                    global_burst: self.global_burst,
+                },
+            },
             key_source,
             issuer,
             audiences,
-            cache_scope: self.cache_scope,
-            max_cache_size: self.max_cache_size,
-            max_retention,
-            max_service_qps,
-            max_upstream_concurrency: self.max_upstream_concurrency,
-            max_connections: self.max_connections,
-            idle_timeout,
-            max_connections_per_source: self.max_connections_per_source,
-            send_timeout,
-            limits: RequestLimits {
-                caller_rate: self.caller_rate_limit,
-                caller_burst: self.caller_burst,
-                global_rate: self.global_rate_limit,
-                global_burst: self.global_burst,
-            },
-            static_upstream_credentials: None,
-            rotate_credentials: self
-                .rotate_credentials
-                .then_some(self.rotate_credentials_interval),
             allow_insecure_key_source: self.allow_insecure_key_source,
             node_name,
             require_node_claim: self.require_node_claim,
             caller_attestation: self.caller_attestation,
             pod_watch_timeout,
+            cache_scope: self.cache_scope,
+            max_cache_size: self.max_cache_size,
+            max_retention,
+            max_service_qps,
+            max_upstream_concurrency: self.max_upstream_concurrency,
         })
     }
 }
@@ -852,37 +870,63 @@ fn parse_http_url(flag: &'static str, value: &str) -> Result<Uri, ConfigError> {
 impl Default for Config {
     /// A configuration for tests and the demo: loopback only, ephemeral ports.
     fn default() -> Self {
-        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         Config {
-            backend: BackendKind::EksAuth,
-            associations: None,
-            sts_endpoint: None,
-            cluster_name: "dev".into(),
-            credential_listeners: vec![SocketAddr::new(loopback, 0)],
-            probe_listener: SocketAddr::new(loopback, 0),
-            metrics_listener: SocketAddr::new(loopback, 0),
-            endpoint: None,
-            region: None,
+            upstream: UpstreamConfig::default(),
+            listen: ListenConfig::default(),
             key_source: None,
             issuer: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
-            cache_scope: CacheScope::Pod,
-            max_cache_size: DEFAULT_MAX_CACHE_SIZE,
-            max_retention: DEFAULT_MAX_RETENTION,
-            max_service_qps: DEFAULT_MAX_SERVICE_QPS,
-            max_upstream_concurrency: DEFAULT_MAX_UPSTREAM_CONCURRENCY,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
-            send_timeout: DEFAULT_SEND_TIMEOUT,
-            limits: RequestLimits::default(),
-            static_upstream_credentials: None,
-            rotate_credentials: None,
             allow_insecure_key_source: false,
             node_name: None,
             require_node_claim: false,
             caller_attestation: CallerAttestation::Off,
             pod_watch_timeout: DEFAULT_POD_WATCH_TIMEOUT,
+            cache_scope: CacheScope::Pod,
+            max_cache_size: DEFAULT_MAX_CACHE_SIZE,
+            max_retention: DEFAULT_MAX_RETENTION,
+            max_service_qps: DEFAULT_MAX_SERVICE_QPS,
+            max_upstream_concurrency: DEFAULT_MAX_UPSTREAM_CONCURRENCY,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    /// EKS Auth for a cluster called `dev`, the SDK's region and credentials.
+    fn default() -> Self {
+        UpstreamConfig {
+            backend: BackendKind::EksAuth,
+            associations: None,
+            sts_endpoint: None,
+            cluster_name: "dev".into(),
+            endpoint: None,
+            region: None,
+            static_upstream_credentials: None,
+            rotate_credentials: None,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// The credentials addresses, as text.
+    pub fn credential_hosts(&self) -> Vec<String> {
+        let hosts = self.credential_listeners.iter();
+        hosts.map(|a| a.to_string()).collect()
+    }
+}
+
+impl Default for ListenConfig {
+    /// Loopback only, ephemeral ports, the flags' default limits.
+    fn default() -> Self {
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        ListenConfig {
+            credential_listeners: vec![loopback],
+            probe_listener: loopback,
+            metrics_listener: loopback,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            limits: RequestLimits::default(),
         }
     }
 }
@@ -940,18 +984,14 @@ mod tests {
     #[test]
     fn defaults_bind_both_link_local_addresses() {
         let cfg = parse(&["-c", "prod"]).unwrap();
-        let hosts: Vec<String> = cfg
-            .credential_listeners
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let hosts = cfg.listen.credential_hosts();
         assert_eq!(hosts, ["169.254.170.23:80", "[fd00:ec2::23]:80"]);
         assert_eq!(cfg.audiences, [DEFAULT_AUDIENCE]);
         assert_eq!(cfg.cache_scope, CacheScope::Pod);
         assert_eq!(cfg.max_retention, Duration::from_secs(3 * 3600));
         assert!(cfg.key_source.is_none());
         // The contract's 30 s for unfinished or idle connections; black-box tests shorten it.
-        assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.listen.idle_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -967,11 +1007,7 @@ mod tests {
             "8080",
         ])
         .unwrap();
-        let hosts: Vec<String> = cfg
-            .credential_listeners
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let hosts = cfg.listen.credential_hosts();
         assert_eq!(hosts, ["127.0.0.1:8080", "[::1]:8080", "10.0.0.1:8080"]);
     }
 
@@ -1064,9 +1100,9 @@ mod tests {
             "https://i",
         ])
         .unwrap();
-        assert_eq!(cfg.backend, BackendKind::Sts);
+        assert_eq!(cfg.upstream.backend, BackendKind::Sts);
         assert_eq!(
-            cfg.associations.as_deref(),
+            cfg.upstream.associations.as_deref(),
             Some(std::path::Path::new("/a.yaml"))
         );
     }

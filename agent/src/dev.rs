@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::watch;
 
-use crate::config::{Config, KeySource, StaticUpstreamCredentials, DEFAULT_AUDIENCE};
+use crate::config::{
+    Config, KeySource, ListenConfig, StaticUpstreamCredentials, UpstreamConfig, DEFAULT_AUDIENCE,
+};
 use crate::keys::signing::SigningKey;
 use crate::Agent;
 
@@ -114,16 +116,22 @@ pub async fn run(port: u16) -> Result<(), DevError> {
     ));
 
     let config = Config {
-        cluster_name: DEV_CLUSTER.into(),
-        credential_listeners: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
-        endpoint: Some(format!("http://{stand_in_addr}")),
-        region: Some("us-east-1".into()),
+        upstream: UpstreamConfig {
+            cluster_name: DEV_CLUSTER.into(),
+            endpoint: Some(format!("http://{stand_in_addr}")),
+            region: Some("us-east-1".into()),
+            static_upstream_credentials: Some(StaticUpstreamCredentials {
+                access_key_id: "AKIDDEVFAKENODEROLE".into(),
+                secret_access_key: "dev-fake-node-role-secret".into(),
+            }),
+            ..UpstreamConfig::default()
+        },
+        listen: ListenConfig {
+            credential_listeners: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
+            ..ListenConfig::default()
+        },
         key_source: Some(KeySource::File(jwks_path.clone())),
         issuer: Some(DEV_ISSUER.into()),
-        static_upstream_credentials: Some(StaticUpstreamCredentials {
-            access_key_id: "AKIDDEVFAKENODEROLE".into(),
-            secret_access_key: "dev-fake-node-role-secret".into(),
-        }),
         ..Config::default()
     };
     let agent = Agent::start(config).await?;

@@ -146,18 +146,22 @@ impl Agent {
 impl Startup {
     /// The upstream: EKS Auth, or STS with its associations file (loaded now, then watched).
     async fn backend(&self, config: &Config) -> Result<Arc<dyn Backend>, StartError> {
-        Ok(match (config.backend, &config.associations) {
-            (BackendKind::Sts, Some(path)) => {
-                let store = AssociationStore::load(path, self.metrics.clone())
-                    .map_err(|e| ConfigError::new("associations", e.to_string()))?;
-                tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
-                Arc::new(Sts::new(config, store).await?)
-            }
-            (BackendKind::Sts, None) => {
-                return Err(ConfigError::new("associations", "required for the sts backend").into())
-            }
-            (BackendKind::EksAuth, _) => Arc::new(EksAuth::new(config).await?),
-        })
+        Ok(
+            match (config.upstream.backend, &config.upstream.associations) {
+                (BackendKind::Sts, Some(path)) => {
+                    let store = AssociationStore::load(path, self.metrics.clone())
+                        .map_err(|e| ConfigError::new("associations", e.to_string()))?;
+                    tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
+                    Arc::new(Sts::new(&config.upstream, store).await?)
+                }
+                (BackendKind::Sts, None) => {
+                    return Err(
+                        ConfigError::new("associations", "required for the sts backend").into(),
+                    )
+                }
+                (BackendKind::EksAuth, _) => Arc::new(EksAuth::new(&config.upstream).await?),
+            },
+        )
     }
 
     /// The Kubernetes client, when caller attestation or the key source needs the API server.
@@ -299,16 +303,11 @@ impl Startup {
         cache: &Arc<CredentialCache>,
         pods: Option<Arc<NodePods>>,
     ) -> Result<Vec<SocketAddr>, StartError> {
-        let listeners = server::bind_all(&config.credential_listeners, "credentials").await;
+        let listeners = server::bind_all(&config.listen.credential_listeners, "credentials").await;
         if listeners.is_empty() {
-            let addrs: Vec<String> = config
-                .credential_listeners
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
             return Err(StartError::Bind(format!(
                 "could not bind any credentials address ({})",
-                addrs.join(", ")
+                config.listen.credential_hosts().join(", ")
             )));
         }
         let credential_addrs: Vec<SocketAddr> = listeners
@@ -325,10 +324,10 @@ impl Startup {
             metrics: self.metrics.clone(),
             hosts: HostAllowList::new(credential_addrs.clone()),
             limiter: RequestLimiter::new(
-                config.limits.caller_rate,
-                config.limits.caller_burst,
-                config.limits.global_rate,
-                config.limits.global_burst,
+                config.listen.limits.caller_rate,
+                config.listen.limits.caller_burst,
+                config.listen.limits.global_rate,
+                config.listen.limits.global_burst,
             ),
             refusal_logs: LogLimiter::default(),
             attest: attest::Attestation {
@@ -340,10 +339,10 @@ impl Startup {
             tracing::info!(listener = "credentials", address = %addr, "listening");
             let state = state.clone();
             let limits = server::ConnectionLimits {
-                max_connections: Some(config.max_connections),
-                max_per_source: Some(config.max_connections_per_source),
-                idle_timeout: config.idle_timeout,
-                send_timeout: config.send_timeout,
+                max_connections: Some(config.listen.max_connections),
+                max_per_source: Some(config.listen.max_connections_per_source),
+                idle_timeout: config.listen.idle_timeout,
+                send_timeout: config.listen.send_timeout,
                 metrics: Some(self.metrics.clone()),
             };
             self.tasks.spawn(server::serve_with_limits(
@@ -374,17 +373,17 @@ impl Startup {
             metrics: self.metrics.clone(),
             cache,
         });
-        let probe = bind_one(config.probe_listener, "probe-port").await?;
+        let probe = bind_one(config.listen.probe_listener, "probe-port").await?;
         let probe_addr = probe
             .local_addr()
             .map_err(|e| StartError::Bind(e.to_string()))?;
         let mut admin_listeners = vec![("probe", probe, probe_addr)];
-        let metrics_addr = if config.metrics_listener == config.probe_listener
-            && config.probe_listener.port() != 0
+        let metrics_addr = if config.listen.metrics_listener == config.listen.probe_listener
+            && config.listen.probe_listener.port() != 0
         {
             probe_addr
         } else {
-            let listener = bind_one(config.metrics_listener, "metrics-port").await?;
+            let listener = bind_one(config.listen.metrics_listener, "metrics-port").await?;
             let addr = listener
                 .local_addr()
                 .map_err(|e| StartError::Bind(e.to_string()))?;

@@ -208,16 +208,6 @@ pub async fn link_addresses(handle: &Handle, index: u32) -> Result<Vec<IpAddr>, 
     Ok(out)
 }
 
-/// Addresses on the named link (for tests and diagnostics).
-pub async fn addresses_of(link_name: &str) -> Result<Vec<IpAddr>, NetlinkError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-    tokio::spawn(connection);
-    match find_link(&handle, link_name).await? {
-        Some(index) => link_addresses(&handle, index).await,
-        None => Ok(Vec::new()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,9 @@ use benches::fake_upstream::FakeUpstream;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hyper::StatusCode;
-use pod_identity_agent::config::{Config, KeySource, RequestLimits, StaticUpstreamCredentials};
+use pod_identity_agent::config::{
+    Config, KeySource, ListenConfig, RequestLimits, StaticUpstreamCredentials, UpstreamConfig,
+};
 use pod_identity_agent::Agent;
 
 /// Bound on the agent becoming ready (keys loaded from the file, first fetch done).
@@ -39,23 +41,29 @@ fn whole_request(c: &mut Criterion) {
                 .await
                 .expect("EKS Auth fake");
             let config = Config {
-                cluster_name: "bench".into(),
-                credential_listeners: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
-                endpoint: Some(fake.endpoint()),
-                region: Some("us-west-2".into()),
+                upstream: UpstreamConfig {
+                    cluster_name: "bench".into(),
+                    endpoint: Some(fake.endpoint()),
+                    region: Some("us-west-2".into()),
+                    static_upstream_credentials: Some(StaticUpstreamCredentials {
+                        access_key_id: "AKIDBENCHFAKE".into(),
+                        secret_access_key: "bench-fake-secret".into(),
+                    }),
+                    ..UpstreamConfig::default()
+                },
+                listen: ListenConfig {
+                    credential_listeners: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+                    // A benchmark is one caller sending as fast as it can: limits off.
+                    limits: RequestLimits {
+                        caller_rate: 0.0,
+                        caller_burst: 0.0,
+                        global_rate: 0.0,
+                        global_burst: 0.0,
+                    },
+                    ..ListenConfig::default()
+                },
                 key_source: Some(KeySource::File(jwks.clone())),
                 issuer: Some(ISSUER.into()),
-                // A benchmark is one caller sending as fast as it can: limits off.
-                limits: RequestLimits {
-                    caller_rate: 0.0,
-                    caller_burst: 0.0,
-                    global_rate: 0.0,
-                    global_burst: 0.0,
-                },
-                static_upstream_credentials: Some(StaticUpstreamCredentials {
-                    access_key_id: "AKIDBENCHFAKE".into(),
-                    secret_access_key: "bench-fake-secret".into(),
-                }),
                 ..Config::default()
             };
             let agent = Agent::start(config).await.expect("agent starts");

@@ -15,7 +15,7 @@ use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_runtime_api::http::StatusCode;
 use pod_identity_agent::associations::AssociationStore;
-use pod_identity_agent::config::{Config, StaticUpstreamCredentials};
+use pod_identity_agent::config::{StaticUpstreamCredentials, UpstreamConfig};
 use pod_identity_agent::http::HostAllowList;
 use pod_identity_agent::keys::{KeySet, KeyStore};
 use pod_identity_agent::metrics::Metrics;
@@ -169,13 +169,13 @@ impl Upstreams {
             .build()
             .expect("a current-thread runtime");
         let canned = CannedUpstream::default();
-        let config = Config {
+        let config = UpstreamConfig {
             region: Some("us-west-2".into()),
             static_upstream_credentials: Some(StaticUpstreamCredentials {
                 access_key_id: "AKIDFUZZ".into(),
                 secret_access_key: "fuzz-secret".into(),
             }),
-            ..Config::default()
+            ..UpstreamConfig::default()
         };
         let dir = std::env::temp_dir().join(format!(
             "pod-identity-agent-fuzz-{}-{:?}",

@@ -110,6 +110,14 @@ fn assert_fresh(bin: &std::path::Path) {
     }
 }
 
+/// Environment that keeps a child's AWS SDK from finding anything of the developer's: no
+/// shared config or credentials file, no instance metadata.
+pub const NO_AMBIENT_AWS: [(&str, &str); 3] = [
+    ("AWS_CONFIG_FILE", "/dev/null"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
 /// What an agent started by a test inherits from the test's environment; the rest is cleared.
 /// POD_IDENTITY_AGENT_DISABLE_DEFENCE: scripts/check_defences.py runs a test against the
 /// debug build with one defence off (agent/src/defence.rs).
@@ -396,9 +404,7 @@ impl AgentBuilder {
             .env_clear()
             .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
             .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(NO_AMBIENT_AWS)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -782,6 +788,20 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `count` requests with `token`, all sent at once to `agent`: the access key id of each, every
+/// answer required to be a 200.
+pub async fn burst_of_key_ids(agent: &Agent, token: &str, count: usize) -> Vec<String> {
+    let tokens = std::iter::repeat_n(token.to_owned(), count);
+    let answers = burst(agent.credentials_addr(), tokens).await;
+    let key_id = |(response, _): (std::io::Result<RawResponse>, Duration)| {
+        let response =
+            response.unwrap_or_else(|e| panic!("request failed: {e}\n{}", agent.logs_text()));
+        assert_eq!(response.status, 200, "{response:?}");
+        response.json_str("AccessKeyId").expect("AccessKeyId")
+    };
+    answers.into_iter().map(key_id).collect()
 }
 
 /// One credentials request per token, all sent at once to `addr`: each answer (or I/O

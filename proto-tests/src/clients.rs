@@ -137,9 +137,7 @@ pub async fn fetch_credentials(
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
         .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
         // Nothing but the container provider may answer.
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(crate::agent::NO_AMBIENT_AWS)
         .env("AWS_REGION", crate::agent::REGION)
         .current_dir(clients_dir())
         .stdin(Stdio::null())

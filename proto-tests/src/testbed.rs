@@ -28,6 +28,11 @@ impl TestBed {
         Self::builder().start().await
     }
 
+    /// Agent started with `args` besides the defaults.
+    pub async fn with_args<const N: usize>(args: [&str; N]) -> Self {
+        Self::builder().args(args).start().await
+    }
+
     pub fn builder() -> TestBedBuilder {
         TestBedBuilder {
             key_source: true,

@@ -82,10 +82,7 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String)> {
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_slots_come_back() {
     const LIMIT: usize = 50;
-    let bed = TestBed::builder()
-        .args(["--max-connections", &LIMIT.to_string()])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--max-connections", &LIMIT.to_string()]).await;
     let addr = bed.agent.credentials_addr();
     let mut idle = Vec::with_capacity(LIMIT);
     for _ in 0..LIMIT {
@@ -142,10 +139,7 @@ async fn connections_over_the_limit_get_503_and_slots_come_back() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
-    let bed = TestBed::builder()
-        .args(["--idle-timeout", "1s"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--idle-timeout", "1s"]).await;
     let addr = bed.agent.credentials_addr();
     let request = RawRequest::get("/v1/credentials")
         .header("Host", addr.to_string())
@@ -591,10 +585,7 @@ async fn one_source_cannot_take_every_connection_slot() {
 /// answer has waited `--send-timeout` for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_disconnected_after_the_send_timeout() {
-    let bed = TestBed::builder()
-        .args(["--send-timeout", "2s"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--send-timeout", "2s"]).await;
     let addr = bed.agent.credentials_addr();
     let stream = stalled_connection(addr).await.expect("connected");
     bed.agent

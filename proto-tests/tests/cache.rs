@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use proto_tests::agent::{burst, CREDENTIALS_PATH};
+use proto_tests::agent::{burst_of_key_ids, CREDENTIALS_PATH};
 use proto_tests::assertions::{assert_answered_from_cache, assert_credentials, only_issued};
 use proto_tests::metrics;
 use proto_tests::{Fault, Pod, TestBed, TestKeys};
@@ -16,15 +16,8 @@ const BURST: usize = 500;
 async fn burst_for_one_token_is_one_upstream_call() {
     let bed = TestBed::start().await;
     bed.upstream.set_latency(Duration::from_millis(200));
-    let addr = bed.agent.credentials_addr();
     let token = bed.token(&Pod::new("team-a", "worker", "worker-0"));
-    let mut key_ids = Vec::with_capacity(BURST);
-    for (response, _) in burst(addr, std::iter::repeat_n(token, BURST)).await {
-        let response =
-            response.unwrap_or_else(|e| panic!("request failed: {e}\n{}", bed.agent.logs_text()));
-        assert_eq!(response.status, 200, "{response:?}");
-        key_ids.push(response.json_str("AccessKeyId").expect("AccessKeyId"));
-    }
+    let key_ids = burst_of_key_ids(&bed.agent, &token, BURST).await;
     assert_eq!(key_ids.len(), BURST);
     assert_eq!(bed.upstream.calls(), 1, "concurrent requests must coalesce");
     let issued = only_issued(&bed.upstream);
@@ -69,10 +62,7 @@ async fn pods_of_one_service_account_get_their_own_credentials_by_default() {
 
 #[tokio::test]
 async fn association_scope_shares_credentials_per_service_account() {
-    let bed = TestBed::builder()
-        .args(["--cache-scope", "association"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--cache-scope", "association"]).await;
     let a = Pod::new("team-a", "app", "app-a");
     let b = a.sibling("app-b");
     let ra = bed.fetch_as(&a).await;

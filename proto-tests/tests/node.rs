@@ -109,13 +109,16 @@ fn initialize_twice_then_serve_on_the_link_local_addresses() {
         LINK
     };
 
-    let addrs = ns.within(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(pod_identity_agent::netlink::addresses_of(link))
-            .expect("netlink dump")
+    // Read back with getifaddrs(3), not with the agent's own netlink code.
+    let addrs: Vec<IpAddr> = ns.within(move || {
+        let all = nix::ifaddrs::getifaddrs().expect("getifaddrs");
+        all.filter(|i| i.interface_name == link)
+            .filter_map(|i| i.address)
+            .filter_map(|a| {
+                let v4 = a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip()));
+                v4.or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .collect()
     });
     for want in [V4, V6] {
         assert!(
@@ -178,9 +181,7 @@ fn ns_agent(jwks: &std::path::Path, endpoint: &str) -> Child {
         .env_clear()
         .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
         .env("AWS_SECRET_ACCESS_KEY", "secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .envs(proto_tests::agent::NO_AMBIENT_AWS)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -95,10 +95,7 @@ async fn a_polling_client_never_sees_expiring_credentials() {
 
 /// The agent refreshes 3 s after a fetch (less jitter).
 async fn short_retention_bed() -> TestBed {
-    TestBed::builder()
-        .args(["--max-credential-retention-before-renewal", "3s"])
-        .start()
-        .await
+    TestBed::with_args(["--max-credential-retention-before-renewal", "3s"]).await
 }
 
 async fn outage(fault: Fault) {
@@ -175,10 +172,7 @@ async fn stops_serving_once_refused(fault: Fault) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_burst_of_1000_pods_under_throttling() {
     const PODS: usize = 1000;
-    let bed = TestBed::builder()
-        .args(["--caller-burst", "5000", "--global-burst", "5000"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--caller-burst", "5000", "--global-burst", "5000"]).await;
     bed.upstream.set_latency(Duration::from_millis(50));
     bed.upstream.set_fault(Fault::throttling());
     let pods: Vec<Pod> = (0..PODS)

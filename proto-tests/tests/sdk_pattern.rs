@@ -14,10 +14,7 @@ const RETENTION: &str = "2s";
 const PAST_REFRESH_POINT: Duration = Duration::from_millis(2500);
 
 async fn fetched_then_idle(lifetime: Option<Duration>) -> (TestBed, String, String) {
-    let bed = TestBed::builder()
-        .args(["--max-credential-retention-before-renewal", RETENTION])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--max-credential-retention-before-renewal", RETENTION]).await;
     if let Some(lifetime) = lifetime {
         bed.upstream.set_credential_lifetime(lifetime);
     }
@@ -116,10 +113,7 @@ async fn credentials_inside_the_expiry_margin_are_never_served() {
 
 #[tokio::test]
 async fn the_cache_size_bound_holds_at_every_answer() {
-    let bed = TestBed::builder()
-        .args(["--max-cache-size", "2"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--max-cache-size", "2"]).await;
     let pods: Vec<Pod> = ["a", "b", "c"]
         .iter()
         .map(|n| Pod::new("team-a", "app", &format!("app-{n}")))

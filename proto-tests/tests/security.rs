@@ -268,10 +268,7 @@ async fn slow_clients_do_not_block_others() {
 async fn client_that_never_finishes_its_headers_is_disconnected() {
     // The contract's 30 s, shortened by its flag so the test does not wait half a minute
     // (the default itself is checked where the flags are parsed).
-    let bed = TestBed::builder()
-        .args(["--idle-timeout", "2s"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--idle-timeout", "2s"]).await;
     let mut stream = start_slow_request(bed.agent.credentials_addr()).await;
     let started = Instant::now();
     let mut buf = [0u8; 1024];
@@ -560,10 +557,7 @@ async fn the_key_set_age_is_exported() {
 /// the claim (older clusters) pass unless `--require-node-claim`.
 #[tokio::test]
 async fn tokens_bound_to_another_node_are_refused() {
-    let bed = TestBed::builder()
-        .args(["--node-name", "node-a"])
-        .start()
-        .await;
+    let bed = TestBed::with_args(["--node-name", "node-a"]).await;
     let pod = pod();
     let here = bed
         .agent
@@ -596,10 +590,7 @@ async fn tokens_bound_to_another_node_are_refused() {
         "{text}"
     );
 
-    let strict = TestBed::builder()
-        .args(["--node-name", "node-a", "--require-node-claim"])
-        .start()
-        .await;
+    let strict = TestBed::with_args(["--node-name", "node-a", "--require-node-claim"]).await;
     let unbound = strict
         .agent
         .fetch_credentials(&pod.token().sign(&strict.keys.rsa))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sts::config::retry::RetryConfig;
 use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region};
-use proto_tests::agent::{burst, log_field, Exited};
+use proto_tests::agent::{burst_of_key_ids, log_field, Exited};
 use proto_tests::assertions::{
     assert_answered_from_cache, assert_credentials, assert_error_body, assert_failed_in_time,
     assert_sdk_got, assert_throttled_with_retry_after, only_issued, parse_rfc3339_utc,
@@ -256,16 +256,8 @@ async fn concurrent_requests_for_one_pod_are_one_sts_call() {
     const BURST: usize = 200;
     let bed = StsTestBed::start(&[app()]).await;
     bed.sts.set_latency(Duration::from_millis(300));
-    let addr = bed.agent.credentials_addr();
-    let pod = Pod::new("team-a", "app", "app-burst");
-    let token = bed.token(&pod);
-    let mut key_ids = Vec::with_capacity(BURST);
-    for (response, _) in burst(addr, std::iter::repeat_n(token, BURST)).await {
-        let response =
-            response.unwrap_or_else(|e| panic!("request failed: {e}\n{}", bed.agent.logs_text()));
-        assert_eq!(response.status, 200, "{response:?}");
-        key_ids.push(response.json_str("AccessKeyId").expect("AccessKeyId"));
-    }
+    let token = bed.token(&Pod::new("team-a", "app", "app-burst"));
+    let key_ids = burst_of_key_ids(&bed.agent, &token, BURST).await;
     assert_eq!(bed.sts.calls(), 1, "concurrent requests must coalesce");
     let issued = only_issued(&bed.sts);
     assert!(key_ids.iter().all(|k| *k == issued.access_key_id));

@@ -7,7 +7,7 @@ use super::{
     Backend, CodePolicy, ConfigError, Credentials, FetchFuture, ResponseSizeLimit,
     SharedHttpClient, UpstreamError,
 };
-use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::defence::{self, Defence};
 use crate::token::Identity;
 
@@ -27,20 +27,20 @@ pub struct EksAuth {
 }
 
 impl EksAuth {
-    pub async fn new(config: &Config) -> Result<EksAuth, ConfigError> {
+    pub async fn new(config: &UpstreamConfig) -> Result<EksAuth, ConfigError> {
         Self::build(config, None).await
     }
 
     /// The same backend sending its calls through `http_client` (tests, fuzzing).
     pub async fn with_http_client(
-        config: &Config,
+        config: &UpstreamConfig,
         http_client: SharedHttpClient,
     ) -> Result<EksAuth, ConfigError> {
         Self::build(config, Some(http_client)).await
     }
 
     async fn build(
-        config: &Config,
+        config: &UpstreamConfig,
         http_client: Option<SharedHttpClient>,
     ) -> Result<EksAuth, ConfigError> {
         let sdk = sdk_config(config, false, http_client).await?;

@@ -22,7 +22,7 @@ use aws_sdk_eksauth::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError
 use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{ConfigError, UpstreamConfig};
 use crate::defence::{self, Defence};
 use crate::token::Identity;
 
@@ -58,7 +58,7 @@ const MAX_SECRET_LEN: usize = 256;
 /// The AWS SDK configuration both backends start from: explicit timeouts, no SDK retries,
 /// the region from `--region` or the SDK's chain.
 async fn sdk_config(
-    config: &Config,
+    config: &UpstreamConfig,
     anonymous: bool,
     http_client: Option<SharedHttpClient>,
 ) -> Result<aws_config::SdkConfig, ConfigError> {

@@ -11,7 +11,7 @@ use super::{
     SharedHttpClient, UpstreamError,
 };
 use crate::associations::{Association, AssociationStore};
-use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::defence::{self, Defence};
 use crate::token::Identity;
 
@@ -63,7 +63,7 @@ pub struct Sts {
 
 impl Sts {
     pub async fn new(
-        config: &Config,
+        config: &UpstreamConfig,
         associations: Arc<AssociationStore>,
     ) -> Result<Sts, ConfigError> {
         Self::build(config, associations, None).await
@@ -71,7 +71,7 @@ impl Sts {
 
     /// The same backend sending its calls through `http_client` (tests, fuzzing).
     pub async fn with_http_client(
-        config: &Config,
+        config: &UpstreamConfig,
         associations: Arc<AssociationStore>,
         http_client: SharedHttpClient,
     ) -> Result<Sts, ConfigError> {
@@ -79,7 +79,7 @@ impl Sts {
     }
 
     async fn build(
-        config: &Config,
+        config: &UpstreamConfig,
         associations: Arc<AssociationStore>,
         http_client: Option<SharedHttpClient>,
     ) -> Result<Sts, ConfigError> {

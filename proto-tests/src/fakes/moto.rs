@@ -77,9 +77,7 @@ impl Moto {
         .env("PYTHONDONTWRITEBYTECODE", "1")
         // moto's STS does not need these, but nothing may leak in from the
         // developer's shell either.
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(crate::agent::NO_AMBIENT_AWS)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
