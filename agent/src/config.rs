@@ -539,7 +539,36 @@ fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl ServerArgs {
+    /// Every flag checked, group by group, into a [`Config`]; the first bad flag is the error.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        let upstream = self.upstream()?;
+        let listen = self.listen()?;
+        let (key_source, issuer) = self.keys()?;
+        let audiences = self.audiences()?;
+        let (node_name, pod_watch_timeout) = self.node()?;
+        let max_service_qps = self.upstream_budget()?;
+        Ok(Config {
+            upstream,
+            key_source,
+            allow_insecure_key_source: self.allow_insecure_key_source,
+            issuer,
+            require_node_claim: self.require_node_claim,
+            audiences,
+            caller_attestation: self.caller_attestation,
+            node_name,
+            pod_watch_timeout,
+            listen,
+            cache_scope: self.cache_scope,
+            max_cache_size: self.max_cache_size,
+            max_retention: self.max_credential_retention_before_renewal.into(),
+            max_service_qps,
+            max_upstream_concurrency: self.max_upstream_concurrency,
+        })
+    }
+
+    /// The backend and what it needs: a cluster name (eks-auth) or an associations file and
+    /// local verification (sts), endpoints, region, the agent's own credentials.
+    fn upstream(&self) -> Result<UpstreamConfig, ConfigError> {
         if self.rotate_credentials && self.backend == BackendKind::Sts {
             return Err(bad(
                 "rotate-credentials",
@@ -579,11 +608,7 @@ impl ServerArgs {
                         "the sts backend needs local token verification (--jwks-file, --jwks-url or --issuer)",
                     ));
                 }
-                let endpoint = match self.sts_endpoint.as_deref() {
-                    Some(e) => parse_http_url("sts-endpoint", e)
-                        .map(|_| Some(e.trim_end_matches('/').to_owned()))?,
-                    None => None,
-                };
+                let endpoint = endpoint_url("sts-endpoint", self.sts_endpoint.as_deref())?;
                 (
                     self.cluster_name.clone().unwrap_or_default(),
                     Some(path),
@@ -591,6 +616,32 @@ impl ServerArgs {
                 )
             }
         };
+        if let Some(region) = &self.region {
+            let valid = !region.is_empty()
+                && region.len() <= 64
+                && region
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                return Err(bad("region", format!("'{region}' is not a region name")));
+            }
+        }
+        Ok(UpstreamConfig {
+            backend: self.backend,
+            associations,
+            sts_endpoint,
+            cluster_name,
+            endpoint: endpoint_url("endpoint", self.endpoint.as_deref())?,
+            region: self.region.clone(),
+            static_upstream_credentials: None,
+            rotate_credentials: self
+                .rotate_credentials
+                .then_some(self.rotate_credentials_interval),
+        })
+    }
+
+    /// The listeners, their connection limits and timeouts, and the request rate limits.
+    fn listen(&self) -> Result<ListenConfig, ConfigError> {
         let mut credential_listeners = Vec::new();
         for host in self
             .bind_hosts
@@ -612,22 +663,60 @@ impl ServerArgs {
         if credential_listeners.is_empty() {
             return Err(bad("bind-hosts", "at least one address is required"));
         }
-        let endpoint = match self.endpoint.as_deref() {
-            Some(e) => {
-                parse_http_url("endpoint", e).map(|_| Some(e.trim_end_matches('/').to_owned()))?
-            }
-            None => None,
-        };
-        if let Some(region) = &self.region {
-            let valid = !region.is_empty()
-                && region.len() <= 64
-                && region
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-            if !valid {
-                return Err(bad("region", format!("'{region}' is not a region name")));
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(bad(
+                "max-connections",
+                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        let idle_timeout: Duration = self.idle_timeout.into();
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&idle_timeout) {
+            return Err(bad("idle-timeout", "must be between 1s and 10m"));
+        }
+        if self.max_connections_per_source == 0 {
+            return Err(bad("max-connections-per-source", "must be at least 1"));
+        }
+        let send_timeout: Duration = self.send_timeout.into();
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&send_timeout) {
+            return Err(bad("send-timeout", "must be between 1s and 10m"));
+        }
+        for (flag, value) in [
+            ("caller-rate-limit", self.caller_rate_limit),
+            ("caller-burst", self.caller_burst),
+            ("global-rate-limit", self.global_rate_limit),
+            ("global-burst", self.global_burst),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(bad(flag, "must be a non-negative number"));
             }
         }
+        for (flag, rate, burst) in [
+            ("caller-burst", self.caller_rate_limit, self.caller_burst),
+            ("global-burst", self.global_rate_limit, self.global_burst),
+        ] {
+            if rate > 0.0 && burst < 1.0 {
+                return Err(bad(flag, "must be at least 1 when the rate limit is on"));
+            }
+        }
+        Ok(ListenConfig {
+            credential_listeners,
+            probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
+            metrics_listener: SocketAddr::new(self.metrics_address, self.metrics_port),
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            idle_timeout,
+            send_timeout,
+            limits: RequestLimits {
+                caller_rate: self.caller_rate_limit,
+                caller_burst: self.caller_burst,
+                global_rate: self.global_rate_limit,
+                global_burst: self.global_burst,
+            },
+        })
+    }
+
+    /// Where the verification keys come from, and the issuer a token must name.
+    fn keys(&self) -> Result<(Option<KeySource>, Option<String>), ConfigError> {
         let issuer = match &self.issuer {
             Some(iss) => {
                 parse_http_url("issuer", iss)?;
@@ -680,6 +769,11 @@ impl ServerArgs {
                 "required with --jwks-file and --jwks-url, or a token's iss is not checked at all; give the cluster's service-account issuer (the issuer field of `kubectl get --raw /.well-known/openid-configuration`)",
             ));
         }
+        Ok((key_source, issuer))
+    }
+
+    /// The audiences a token may carry (at least one).
+    fn audiences(&self) -> Result<Vec<String>, ConfigError> {
         let audiences: Vec<String> = self
             .audience
             .iter()
@@ -689,6 +783,11 @@ impl ServerArgs {
         if audiences.is_empty() {
             return Err(bad("audience", "at least one audience is required"));
         }
+        Ok(audiences)
+    }
+
+    /// This node's name, what it binds tokens to, and how often the node's pod watch renews.
+    fn node(&self) -> Result<(Option<String>, Duration), ConfigError> {
         let node_name = self.node_name.clone().filter(|n| !n.is_empty());
         if let Some(name) = &node_name {
             let valid = name.len() <= 253
@@ -723,100 +822,34 @@ impl ServerArgs {
                 "pod needs --node-name (env NODE_NAME): the agent watches the pods of its node",
             ));
         }
-        let max_retention: Duration = self.max_credential_retention_before_renewal.into();
-        let idle_timeout: Duration = self.idle_timeout.into();
+        Ok((node_name, pod_watch_timeout))
+    }
+
+    /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
+    /// default) and the calls in flight at once.
+    fn upstream_budget(&self) -> Result<f64, ConfigError> {
         if !self.max_service_qps.is_finite() {
             return Err(bad("max-service-qps", "must be a number"));
         }
-        // Upstream's meaning: zero or less is the default.
-        let max_service_qps = if self.max_service_qps > 0.0 {
-            self.max_service_qps
-        } else {
-            DEFAULT_MAX_SERVICE_QPS
-        };
         if self.max_upstream_concurrency == 0 || self.max_upstream_concurrency > 4096 {
             return Err(bad(
                 "max-upstream-concurrency",
                 "must be between 1 and 4096",
             ));
         }
-        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
-            return Err(bad(
-                "max-connections",
-                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
-            ));
-        }
-        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&idle_timeout) {
-            return Err(bad("idle-timeout", "must be between 1s and 10m"));
-        }
-        if self.max_connections_per_source == 0 {
-            return Err(bad("max-connections-per-source", "must be at least 1"));
-        }
-        let send_timeout: Duration = self.send_timeout.into();
-        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&send_timeout) {
-            return Err(bad("send-timeout", "must be between 1s and 10m"));
-        }
-        for (flag, value) in [
-            ("caller-rate-limit", self.caller_rate_limit),
-            ("caller-burst", self.caller_burst),
-            ("global-rate-limit", self.global_rate_limit),
-            ("global-burst", self.global_burst),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(bad(flag, "must be a non-negative number"));
-            }
-        }
-        for (flag, rate, burst) in [
-            ("caller-burst", self.caller_rate_limit, self.caller_burst),
-            ("global-burst", self.global_rate_limit, self.global_burst),
-        ] {
-            if rate > 0.0 && burst < 1.0 {
-                return Err(bad(flag, "must be at least 1 when the rate limit is on"));
-            }
-        }
-        Ok(Config {
-            upstream: UpstreamConfig {
-                backend: self.backend,
-                associations,
-                sts_endpoint,
-                cluster_name,
-                endpoint,
-                region: self.region,
-                static_upstream_credentials: None,
-                rotate_credentials: self
-                    .rotate_credentials
-                    .then_some(self.rotate_credentials_interval),
-            },
-            listen: ListenConfig {
-                credential_listeners,
-                probe_listener: SocketAddr::new(self.probe_address, self.probe_port),
-                metrics_listener: SocketAddr::new(self.metrics_address, self.metrics_port),
-                max_connections: self.max_connections,
-                max_connections_per_source: self.max_connections_per_source,
-                idle_timeout,
-                send_timeout,
-                limits: RequestLimits {
-                    caller_rate: self.caller_rate_limit,
-                    caller_burst: self.caller_burst,
-                    global_rate: self.global_rate_limit,
-                    global_burst: self.global_burst,
-                },
-            },
-            key_source,
-            issuer,
-            audiences,
-            allow_insecure_key_source: self.allow_insecure_key_source,
-            node_name,
-            require_node_claim: self.require_node_claim,
-            caller_attestation: self.caller_attestation,
-            pod_watch_timeout,
-            cache_scope: self.cache_scope,
-            max_cache_size: self.max_cache_size,
-            max_retention,
-            max_service_qps,
-            max_upstream_concurrency: self.max_upstream_concurrency,
+        Ok(if self.max_service_qps > 0.0 {
+            self.max_service_qps
+        } else {
+            DEFAULT_MAX_SERVICE_QPS
         })
     }
+}
+
+/// An endpoint override given as `flag`: an http(s) URL, kept without a trailing slash.
+fn endpoint_url(flag: &'static str, value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    value
+        .map(|e| parse_http_url(flag, e).map(|_| e.trim_end_matches('/').to_owned()))
+        .transpose()
 }
 
 /// Beyond this the limit is no limit: the process runs out of file descriptors first.
