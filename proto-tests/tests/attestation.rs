@@ -280,6 +280,11 @@ async fn an_api_server_down_at_start_means_503_until_the_first_list() {
         .start()
         .await;
     let token = bed.token(&app);
+    // The keys (a file) load within milliseconds; until they do, the answer is 503
+    // KeysUnavailable instead. What is tested here is the pod set, so wait for the keys.
+    bed.agent
+        .wait_for_metric("pod_identity_agent_keys_loaded", |v| v >= 1.0, WAIT)
+        .await;
     let early = bed.agent.fetch_credentials_from(ip(10), &token).await;
     assert_refused(&early, 503, "PodsNotSynced");
     assert!(early.header("retry-after").is_some(), "{early:?}");
