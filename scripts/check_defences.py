@@ -165,13 +165,22 @@ def run_test(binary, tests, test, case, disabled=None):
     )
 
 
+def failure(result):
+    """What a failed test said: its panic message first (the agent's log, which the harness
+    prints too, can be long), then the ends of its output."""
+    lines = (result.stdout + "\n" + result.stderr).splitlines()
+    panics = [i for i, line in enumerate(lines) if "panicked at" in line]
+    said = "\n".join("\n".join(lines[i:i + 6]) for i in panics[:2])
+    return f"{said}\n{result.stdout[-2000:]}{result.stderr[-1500:]}"
+
+
 def control(binary, tests, test, case):
     if test not in tests:
         return False, f"no test file {test}.rs in proto-tests/tests"
     result = run_test(binary, tests, test, case)
     if result.returncode == 0 and "1 passed" in result.stdout:
         return True, ""
-    return False, f"{test}::{case}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+    return False, f"{test}::{case}\n{failure(result)}"
 
 
 def check(binary, tests, name):
@@ -185,7 +194,7 @@ def check(binary, tests, name):
     if result.returncode != 0 and ran:
         return True, f"'{name}': {test}::{case} fails without it (good, {took:.0f}s)"
     why = "PASSES without it" if ran else "did not run"
-    return False, f"'{name}': {test}::{case} {why}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+    return False, f"'{name}': {test}::{case} {why}\n{failure(result)}"
 
 
 def main():

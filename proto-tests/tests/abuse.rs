@@ -575,9 +575,12 @@ async fn one_source_cannot_take_every_connection_slot() {
         }
         tokio::time::sleep(EVERY.min(HOLD - held_since.elapsed())).await;
     }
-    let text = bed.agent.metrics_text().await;
-    let open = metrics::value(&text, "pod_identity_agent_open_connections").unwrap_or(0.0);
-    assert!(open <= 17.0, "{open} connections open\n{text}");
+    // The one source's 16 stay open; the other source's are gone once the agent has seen them
+    // close (on a loaded machine that can take a moment after the last answer).
+    let series = "pod_identity_agent_open_connections";
+    bed.agent
+        .wait_for_metric(series, |open| open <= 17.0, WAIT)
+        .await;
     drop(held);
 }
 
