@@ -113,7 +113,7 @@ def run(cmd, timeout, env=None):
     )
 
 
-def build_switch_binary():
+def agent_binary():
     """The agent's debug build (the test suite's binary, whose defences can be switched off),
     copied aside so that a build started meanwhile cannot swap it under the running tests."""
     build = run(
@@ -212,7 +212,7 @@ def main():
             print(f"check_defences: no defence is called {name!r}; known: {', '.join(declared)}")
             return 64
     names = only or declared
-    binary = build_switch_binary()
+    binary = agent_binary()
     tests = test_binaries()
     # One pool for the controls (every guarding test once with nothing off: all must pass,
     # so a failure below is the missing defence's doing and not the build's) and the checks

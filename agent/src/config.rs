@@ -103,9 +103,7 @@ impl Cli {
         let matches = Cli::command_with_env().try_get_matches_from(argv)?;
         <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
     }
-}
 
-impl Cli {
     /// The command line as clap sees it, every flag given its environment variable.
     pub fn command_with_env() -> clap::Command {
         <Cli as clap::CommandFactory>::command().mut_subcommands(|sub| {

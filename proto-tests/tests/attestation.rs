@@ -313,13 +313,7 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     api.add_pod(KubePod::of(&web, NODE, ip(11)));
     let bed = attesting_bed(&api).await;
-    assert_eq!(
-        bed.agent
-            .fetch_credentials_from(ip(10), &bed.token(&app))
-            .await
-            .status,
-        200
-    );
+    assert_served(&bed, ip(10), &bed.token(&app)).await;
     let staleness = "pod_identity_agent_pod_watch_staleness_seconds";
     bed.agent
         .wait_for_metric(staleness, |v| v < 2.0, WAIT)

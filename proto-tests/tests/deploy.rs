@@ -61,7 +61,7 @@ fn run_validate_deploy(args: &[&str]) -> Output {
 
 /// The tools `scripts/validate-deploy` installs (PyYAML in the venv, kubectl, promtool), once
 /// per test process; its checks are [`manifests_pass_validate_deploy`]'s alone.
-fn validate_deploy() {
+fn deploy_tools() {
     static RUN: OnceLock<()> = OnceLock::new();
     RUN.get_or_init(|| {
         let out = run_validate_deploy(&["--tools-only"]);
@@ -75,7 +75,7 @@ fn validate_deploy() {
 
 /// Every document of a YAML stream, as JSON.
 fn yaml_documents(text: &str, source: &str) -> Vec<Value> {
-    validate_deploy();
+    deploy_tools();
     const YAML_TO_JSON: &str = "import json, sys, yaml\n\
         docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
         json.dump(docs, sys.stdout)\n";
@@ -594,7 +594,7 @@ async fn self_managed_overlay_associations_load_in_the_agent() {
 
 /// `promtool`: on the PATH, or where `scripts/validate-deploy` puts it.
 fn promtool() -> PathBuf {
-    validate_deploy();
+    deploy_tools();
     let venv = repo_root().join("proto-tests/clients/.venv/bin/promtool");
     if venv.is_file() {
         return venv;
