@@ -64,6 +64,10 @@ TABLE = {
     "node-binding": ("security", "tokens_bound_to_another_node_are_refused"),
     "caller-attestation": ("attestation", "a_pods_token_is_served_only_to_that_pod"),
     "pod-deletion-forgets": ("attestation", "a_deleted_pods_cached_credentials_are_dropped_at_once"),
+    "edge-deadline": ("deadline", "a_slow_lookup_then_a_slow_upstream_share_one_deadline_and_the_retry_is_served"),
+    "connection-reclaim": ("hardening", "a_few_sources_cannot_lock_out_another"),
+    "fragment-target": ("hardening", "a_fragment_in_the_target_is_refused"),
+    "servable-margin": ("hardening", "short_credentials_are_never_served_inside_the_15s_margin"),
 }
 
 

@@ -82,17 +82,13 @@ pub async fn handle(
             // The whole-cache gauges (entries by state, shortest lifetime in use) are read
             // at scrape time, so alerts see the cache as it is now.
             state.cache.observe();
+            // The gauges of a feature that is off are not registered (metrics::Features).
             if let Some(keys) = &state.readiness.keys {
-                state
-                    .metrics
-                    .key_set_age_seconds
-                    .set(keys.age().map_or(f64::NAN, |a| a.as_secs_f64()));
+                state.metrics.key_set_age_seconds.set(keys.age());
             }
             if let Some(pods) = &state.readiness.pods {
                 let metrics = &state.metrics;
-                metrics
-                    .pod_watch_staleness_seconds
-                    .set(pods.staleness().map_or(f64::NAN, |a| a.as_secs_f64()));
+                metrics.pod_watch_staleness_seconds.set(pods.staleness());
                 metrics.pods_known.set(pods.live_count() as i64);
                 metrics.pod_watch_synced.set(i64::from(pods.is_synced()));
             }

@@ -9,9 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -205,32 +206,36 @@ type Table = HashMap<(String, String), Arc<Association>>;
 /// The current associations, kept in step with the file.
 pub struct AssociationStore {
     path: PathBuf,
-    table: RwLock<Arc<Table>>,
+    /// Swapped whole on a good reload; read by every request, and cannot poison.
+    table: ArcSwap<Table>,
     metrics: Metrics,
 }
 
 impl AssociationStore {
     /// Load the file; an invalid file is a configuration error.
-    pub fn load(path: &Path, metrics: Metrics) -> Result<Arc<AssociationStore>, AssociationsError> {
-        let table = read_table(path)?;
+    pub async fn load(
+        path: &Path,
+        metrics: Metrics,
+    ) -> Result<Arc<AssociationStore>, AssociationsError> {
+        let table = read_table(path).await?;
         metrics.associations.set(table.len() as i64);
         metrics.association_reload("success");
         Ok(Arc::new(AssociationStore {
             path: path.to_owned(),
-            table: RwLock::new(Arc::new(table)),
+            table: ArcSwap::from_pointee(table),
             metrics,
         }))
     }
 
     pub fn get(&self, namespace: &str, service_account: &str) -> Option<Arc<Association>> {
-        let table = self.table.read().map(|t| t.clone()).unwrap_or_default();
-        table
+        self.table
+            .load()
             .get(&(namespace.to_owned(), service_account.to_owned()))
             .cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.table.read().map(|t| t.len()).unwrap_or(0)
+        self.table.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -239,52 +244,64 @@ impl AssociationStore {
 
     /// Re-read the file when it changes, until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut stamp = stamp_of(&self.path);
+        let mut stamp = stamp_of(&self.path).await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            let now = stamp_of(&self.path);
+            let now = stamp_of(&self.path).await;
             if now == stamp {
                 continue;
             }
             stamp = now;
-            match read_table(&self.path) {
-                Ok(table) => {
-                    let n = table.len();
-                    if let Ok(mut t) = self.table.write() {
-                        *t = Arc::new(table);
-                    }
-                    self.metrics.associations.set(n as i64);
-                    self.metrics.association_reload("success");
-                    tracing::info!(path = %self.path.display(), associations = n, "associations reloaded");
-                }
-                Err(e) => {
-                    self.metrics.association_reload("failure");
-                    tracing::warn!(error = %e, "associations file not reloaded; keeping the last good set");
-                }
+            // A failure is counted and logged here; the last good set stays in place.
+            let _ = self.reload().await;
+        }
+    }
+
+    /// Read the file and install its table if it is valid; otherwise keep the current one.
+    async fn reload(&self) -> Result<usize, AssociationsError> {
+        match read_table(&self.path).await {
+            Ok(table) => {
+                let n = table.len();
+                self.table.store(Arc::new(table));
+                self.metrics.associations.set(n as i64);
+                self.metrics.association_reload("success");
+                tracing::info!(path = %self.path.display(), associations = n, "associations reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                self.metrics.association_reload("failure");
+                tracing::warn!(error = %e, "associations file not reloaded; keeping the last good set");
+                Err(e)
             }
         }
     }
 }
 
-fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
+// tokio::fs, not std::fs: the reload runs on the runtime's workers, beside the requests, and
+// a file on a slow volume must not stall them.
+async fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = tokio::fs::metadata(path).await.ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn read_table(path: &Path) -> Result<Table, AssociationsError> {
+async fn read_table(path: &Path) -> Result<Table, AssociationsError> {
     let shown = path.display().to_string();
     let err = |message: String| AssociationsError {
         path: shown.clone(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(err("file is larger than 4 MiB".into()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     let list = parse(&text, &shown)?;
     Ok(list
         .into_iter()
@@ -376,14 +393,33 @@ mod tests {
         )
         .unwrap();
         let metrics = Metrics::new();
-        let store = AssociationStore::load(&path, metrics.clone()).unwrap();
+        let store = AssociationStore::load(&path, metrics.clone())
+            .await
+            .unwrap();
         assert!(store.get("a", "s").is_some());
-        assert!(read_table(&path).is_ok());
         std::fs::write(&path, "- namespace: [").unwrap();
-        assert!(read_table(&path).is_err());
+        assert!(store.reload().await.is_err());
         assert!(
             store.get("a", "s").is_some(),
             "the store only changes on a good reload"
         );
+        assert!(metrics
+            .encode()
+            .contains("pod_identity_agent_association_reloads_total{outcome=\"failure\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn a_good_reload_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yaml");
+        let entry =
+            |ns: &str| format!("- namespace: {ns}\n  serviceAccount: s\n  roleArn: {ARN}\n");
+        std::fs::write(&path, entry("a")).unwrap();
+        let store = AssociationStore::load(&path, Metrics::new()).await.unwrap();
+        std::fs::write(&path, entry("b") + &entry("c")).unwrap();
+        assert_eq!(store.reload().await.unwrap(), 2);
+        assert!(store.get("a", "s").is_none(), "the old table is replaced");
+        assert!(store.get("b", "s").is_some() && store.get("c", "s").is_some());
+        assert_eq!(store.len(), 2);
     }
 }

@@ -54,10 +54,11 @@ pub const DEFAULT_CALLER_BURST: f64 = 1000.0;
 /// The global bucket bounds the agent's CPU, not any pod.
 pub const DEFAULT_GLOBAL_RATE_LIMIT: f64 = 5000.0;
 pub const DEFAULT_GLOBAL_BURST: f64 = 5000.0;
-/// Open connections per credentials listener. An SDK keeps at most a few per process; 4096
-/// covers a node full of pods while bounding the agent's file descriptors and memory (the
-/// idle timeout frees slots of clients that went quiet).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Open connections per credentials listener. An SDK keeps at most a few per process; 8192
+/// covers a node full of pods, and takes 32 sources at their own cap to fill, while bounding
+/// the agent's file descriptors and memory (the idle timeout frees slots of clients that went
+/// quiet, and a full listener reclaims idle ones for new clients).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 /// A client that has not sent a whole header section this long after connecting, or after
 /// its last response, is disconnected (the contract's 30 s).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,9 +66,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// starts the next (kube's own default, under the API server's minimum request timeout).
 pub const DEFAULT_POD_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// Connections one source address may hold on a credentials listener: an SDK keeps one or two
-/// per process, so this leaves room for a pod that starts hundreds of processes at once, while
-/// no pod can take the node's slots (hostNetwork pods share the node's address, and this cap).
-pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+/// per process, so this leaves room for a pod that starts a couple of hundred processes at
+/// once, while it takes 32 sources to fill [`DEFAULT_MAX_CONNECTIONS`], not a handful
+/// (hostNetwork pods share the node's address, and this cap).
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
 /// How long a response may wait for the client to take it: an answer is under 2 KiB, so only
 /// a client that stopped reading (pipelining without reading) waits this long.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,6 +188,19 @@ pub struct CopyArgs {
     pub interval: humantime::Duration,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl CopyArgs {
+    /// The file names and the interval checked: at most an hour, as the server's
+    /// `--rotate-credentials-interval`.
+    pub fn checked_interval(&self) -> Result<Duration, ConfigError> {
+        if self.file.iter().any(|f| f.is_empty() || f.contains('/')) {
+            return Err(bad("file", "names of files in --from, without slashes"));
+        }
+        let interval: Duration = self.interval.into();
+        duration_within("interval", interval, MIN_COPY_INTERVAL, MAX_POLL_INTERVAL)?;
+        Ok(interval)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -388,13 +403,26 @@ pub enum KeySource {
     KubernetesApi,
 }
 
-/// True when the environment names a Kubernetes API server, as `kube::Config::infer` looks
-/// for one: `KUBECONFIG`, or the variables and service-account mount of a pod.
-pub fn kubernetes_api_in_environment() -> bool {
-    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
-    set("KUBECONFIG")
-        || (set("KUBERNETES_SERVICE_HOST")
-            && Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file())
+/// What validation reads of the process's surroundings besides the flags: taken once, in
+/// `main`, and passed in, so that the same flags validate the same way in a test whatever the
+/// machine running it has set (a developer's `KUBECONFIG`, say).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// The environment names a Kubernetes API server, as `kube::Config::infer` looks for
+    /// one: `KUBECONFIG`, or the variables and service-account mount of a pod.
+    pub kubernetes_api: bool,
+}
+
+impl Environment {
+    /// The running process's environment and filesystem.
+    pub fn of_process() -> Environment {
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+        Environment {
+            kubernetes_api: set("KUBECONFIG")
+                || (set("KUBERNETES_SERVICE_HOST")
+                    && Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file()),
+        }
+    }
 }
 
 /// Static credentials for the agent's own upstream calls, used by `dev` only; the daemon takes
@@ -538,13 +566,14 @@ fn bad(flag: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ServerArgs {
     /// Every flag checked, group by group, into a [`Config`]; the first bad flag is the error.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let upstream = self.upstream()?;
+    pub fn into_config(self, env: &Environment) -> Result<Config, ConfigError> {
+        let upstream = self.upstream(env)?;
         let listen = self.listen()?;
-        let (key_source, issuer) = self.keys()?;
+        let (key_source, issuer) = self.keys(env)?;
         let audiences = self.audiences()?;
         let (node_name, pod_watch_timeout) = self.node()?;
         let max_service_qps = self.upstream_budget()?;
+        let (max_cache_size, max_retention) = self.cache_bounds()?;
         Ok(Config {
             upstream,
             key_source,
@@ -557,8 +586,8 @@ impl ServerArgs {
             pod_watch_timeout,
             listen,
             cache_scope: self.cache_scope,
-            max_cache_size: self.max_cache_size,
-            max_retention: self.max_credential_retention_before_renewal.into(),
+            max_cache_size,
+            max_retention,
             max_service_qps,
             max_upstream_concurrency: self.max_upstream_concurrency,
         })
@@ -566,16 +595,19 @@ impl ServerArgs {
 
     /// The backend and what it needs: a cluster name (eks-auth) or an associations file and
     /// local verification (sts), endpoints, region, the agent's own credentials.
-    fn upstream(&self) -> Result<UpstreamConfig, ConfigError> {
+    fn upstream(&self, env: &Environment) -> Result<UpstreamConfig, ConfigError> {
         if self.rotate_credentials && self.backend == BackendKind::Sts {
             return Err(bad(
                 "rotate-credentials",
                 "the sts backend uses no credentials of its own",
             ));
         }
-        if self.rotate_credentials_interval < Duration::from_secs(1) {
-            return Err(bad("rotate-credentials-interval", "must be at least 1s"));
-        }
+        duration_within(
+            "rotate-credentials-interval",
+            self.rotate_credentials_interval,
+            MIN_POLL_INTERVAL,
+            MAX_POLL_INTERVAL,
+        )?;
         let (cluster_name, associations, sts_endpoint) = match self.backend {
             BackendKind::EksAuth => {
                 if self.associations.is_some() {
@@ -599,7 +631,7 @@ impl ServerArgs {
                 if self.jwks_file.is_none()
                     && self.jwks_url.is_none()
                     && self.issuer.is_none()
-                    && !kubernetes_api_in_environment()
+                    && !env.kubernetes_api
                 {
                     return Err(bad(
                         "backend",
@@ -661,39 +693,61 @@ impl ServerArgs {
         if credential_listeners.is_empty() {
             return Err(bad("bind-hosts", "at least one address is required"));
         }
-        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
-            return Err(bad(
-                "max-connections",
-                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
-            ));
-        }
+        count_within(
+            "max-connections",
+            self.max_connections as u64,
+            1,
+            MAX_CONNECTIONS_LIMIT as u64,
+        )?;
+        count_within(
+            "max-connections-per-source",
+            self.max_connections_per_source as u64,
+            1,
+            MAX_CONNECTIONS_LIMIT as u64,
+        )?;
         let idle_timeout: Duration = self.idle_timeout.into();
-        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&idle_timeout) {
-            return Err(bad("idle-timeout", "must be between 1s and 10m"));
-        }
-        if self.max_connections_per_source == 0 {
-            return Err(bad("max-connections-per-source", "must be at least 1"));
-        }
+        duration_within(
+            "idle-timeout",
+            idle_timeout,
+            MIN_IDLE_TIMEOUT,
+            MAX_IDLE_TIMEOUT,
+        )?;
         let send_timeout: Duration = self.send_timeout.into();
-        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&send_timeout) {
-            return Err(bad("send-timeout", "must be between 1s and 10m"));
-        }
-        for (flag, value) in [
-            ("caller-rate-limit", self.caller_rate_limit),
-            ("caller-burst", self.caller_burst),
-            ("global-rate-limit", self.global_rate_limit),
-            ("global-burst", self.global_burst),
+        duration_within(
+            "send-timeout",
+            send_timeout,
+            MIN_IDLE_TIMEOUT,
+            MAX_IDLE_TIMEOUT,
+        )?;
+        for (rate_flag, rate, burst_flag, burst) in [
+            (
+                "caller-rate-limit",
+                self.caller_rate_limit,
+                "caller-burst",
+                self.caller_burst,
+            ),
+            (
+                "global-rate-limit",
+                self.global_rate_limit,
+                "global-burst",
+                self.global_burst,
+            ),
         ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(bad(flag, "must be a non-negative number"));
-            }
-        }
-        for (flag, rate, burst) in [
-            ("caller-burst", self.caller_rate_limit, self.caller_burst),
-            ("global-burst", self.global_rate_limit, self.global_burst),
-        ] {
-            if rate > 0.0 && burst < 1.0 {
-                return Err(bad(flag, "must be at least 1 when the rate limit is on"));
+            rate_within(
+                rate_flag,
+                rate,
+                MIN_REQUEST_RATE,
+                MAX_REQUEST_RATE,
+                "0 (no limit)",
+            )?;
+            let min_burst = if rate > 0.0 { 1.0 } else { 0.0 };
+            if !(burst.is_finite() && (min_burst..=MAX_REQUEST_RATE).contains(&burst)) {
+                return Err(bad(
+                    burst_flag,
+                    format!(
+                        "must be between {min_burst} and {MAX_REQUEST_RATE} (at least 1 while --{rate_flag} is on)"
+                    ),
+                ));
             }
         }
         Ok(ListenConfig {
@@ -714,7 +768,7 @@ impl ServerArgs {
     }
 
     /// Where the verification keys come from, and the issuer a token must name.
-    fn keys(&self) -> Result<(Option<KeySource>, Option<String>), ConfigError> {
+    fn keys(&self, env: &Environment) -> Result<(Option<KeySource>, Option<String>), ConfigError> {
         let issuer = match &self.issuer {
             Some(iss) => {
                 parse_http_url("issuer", iss)?;
@@ -753,9 +807,8 @@ impl ServerArgs {
                     parse_http_url("issuer", iss)?,
                 )?)),
                 // Caller attestation talks to the API server anyway: its keys come from there.
-                None => (self.caller_attestation == CallerAttestation::Pod
-                    || kubernetes_api_in_environment())
-                .then_some(KeySource::KubernetesApi),
+                None => (self.caller_attestation == CallerAttestation::Pod || env.kubernetes_api)
+                    .then_some(KeySource::KubernetesApi),
             },
         };
         if matches!(key_source, Some(KeySource::File(_) | KeySource::Url(_)))
@@ -826,20 +879,104 @@ impl ServerArgs {
     /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
     /// default) and the calls in flight at once.
     fn upstream_budget(&self) -> Result<f64, ConfigError> {
-        if !self.max_service_qps.is_finite() {
+        let qps = self.max_service_qps;
+        if !qps.is_finite() {
             return Err(bad("max-service-qps", "must be a number"));
         }
-        if self.max_upstream_concurrency == 0 || self.max_upstream_concurrency > 4096 {
-            return Err(bad(
-                "max-upstream-concurrency",
-                "must be between 1 and 4096",
-            ));
+        if qps > 0.0 {
+            rate_within(
+                "max-service-qps",
+                qps,
+                MIN_SERVICE_QPS,
+                MAX_SERVICE_QPS,
+                "0 or less (the default)",
+            )?;
         }
-        Ok(if self.max_service_qps > 0.0 {
-            self.max_service_qps
+        count_within(
+            "max-upstream-concurrency",
+            self.max_upstream_concurrency as u64,
+            1,
+            MAX_UPSTREAM_CONCURRENCY_LIMIT,
+        )?;
+        Ok(if qps > 0.0 {
+            qps
         } else {
             DEFAULT_MAX_SERVICE_QPS
         })
+    }
+
+    /// The cache's size bound and retention (each 0, upstream's "no caching", or in bounds).
+    fn cache_bounds(&self) -> Result<(u64, Duration), ConfigError> {
+        if self.max_cache_size != 0 {
+            count_within(
+                "max-cache-size",
+                self.max_cache_size,
+                1,
+                MAX_CACHE_SIZE_LIMIT,
+            )?;
+        }
+        let retention: Duration = self.max_credential_retention_before_renewal.into();
+        if !retention.is_zero() {
+            duration_within(
+                "max-credential-retention-before-renewal",
+                retention,
+                MIN_RETENTION,
+                MAX_RETENTION,
+            )?;
+        }
+        Ok((self.max_cache_size, retention))
+    }
+}
+
+/// `value` in `min..=max`, or an error naming the flag and its bounds.
+fn count_within(flag: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(bad(
+            flag,
+            format!("must be between {min} and {max}, not {value}"),
+        ))
+    }
+}
+
+/// `value` in `min..=max`, or an error naming the flag and its bounds in humantime syntax.
+fn duration_within(
+    flag: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(bad(
+            flag,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ))
+    }
+}
+
+/// A rate that is `0` (what `zero` says it means) or in `min..=max`: tinier positive rates
+/// would put a refill of centuries on the clock, and larger ones are no limit at all.
+fn rate_within(
+    flag: &'static str,
+    value: f64,
+    min: f64,
+    max: f64,
+    zero: &str,
+) -> Result<(), ConfigError> {
+    if value == 0.0 || (value.is_finite() && (min..=max).contains(&value)) {
+        Ok(())
+    } else {
+        Err(bad(
+            flag,
+            format!("must be {zero}, or between {min} and {max}"),
+        ))
     }
 }
 
@@ -850,8 +987,37 @@ fn endpoint_url(flag: &'static str, value: Option<&str>) -> Result<Option<String
         .transpose()
 }
 
+// Bounds of the numeric and duration flags. Each value outside them is refused at start with
+// the bounds in the message; inside them, no arithmetic on the clock can overflow.
+
 /// Beyond this the limit is no limit: the process runs out of file descriptors first.
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// A node runs a few hundred pods (the largest instance types allow 737); a million entries
+/// is already gigabytes of credentials, so more is a typo.
+const MAX_CACHE_SIZE_LIMIT: u64 = 1_000_000;
+/// Below a second the cache refetches on every request in practice; use 0 for that.
+const MIN_RETENTION: Duration = Duration::from_secs(1);
+/// The longest AWS role session lasts 12 h, so a longer retention never takes effect;
+/// anything past a day is a mistake (`3d` meant as `3h`) rather than a setting.
+const MAX_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// One refresh every 100 s at the least: slower would leave a node's entries to lapse, and a
+/// rate near zero would make the budget's next token centuries away.
+const MIN_SERVICE_QPS: f64 = 0.01;
+/// EKS Auth's and STS's own account quotas are far lower; above this the budget is no budget.
+const MAX_SERVICE_QPS: f64 = 1000.0;
+/// Upstream calls in flight at once: more than this is no bound on the agent's sockets.
+const MAX_UPSTREAM_CONCURRENCY_LIMIT: u64 = 4096;
+/// Request rate limits (per caller and global): one request per 100 s is the slowest limit
+/// that still answers a pod within an SDK's retries; a million per second is no limit.
+const MIN_REQUEST_RATE: f64 = 0.01;
+const MAX_REQUEST_RATE: f64 = 1_000_000.0;
+/// How often a file (the hybrid nodes' shared credentials) is re-read: more than once a
+/// second is busy-polling, less than once an hour misses a rotation.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The copier only compares two files' times and sizes per round, so it may look more often
+/// (the hybrid nodes' credentials can rotate at any moment).
+const MIN_COPY_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 /// Shorter would cut off SDKs between two calls of one credential fetch; longer holds
 /// connection slots for clients that have gone quiet.
 const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -971,7 +1137,9 @@ mod tests {
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_with_env(argv).map_err(|e| e.to_string())?;
         match cli.command {
-            Command::Server(s) => s.into_config().map_err(|e| e.to_string()),
+            Command::Server(s) => s
+                .into_config(&Environment::default())
+                .map_err(|e| e.to_string()),
             _ => unreachable!(),
         }
     }
@@ -1136,6 +1304,72 @@ mod tests {
             cfg.upstream.associations.as_deref(),
             Some(std::path::Path::new("/a.yaml"))
         );
+    }
+
+    #[test]
+    fn the_environment_is_an_explicit_snapshot() {
+        // Nothing of the machine running the test leaks in: only the snapshot says whether
+        // a Kubernetes API server is at hand.
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["pod-identity-agent", "server"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_with_env(argv).unwrap().command {
+                Command::Server(s) => s,
+                _ => unreachable!(),
+            }
+        };
+        let in_cluster = Environment {
+            kubernetes_api: true,
+        };
+        let cfg = cli(&["-c", "x"]).into_config(&in_cluster).unwrap();
+        assert_eq!(cfg.key_source, Some(KeySource::KubernetesApi));
+        let cfg = cli(&["-c", "x"])
+            .into_config(&Environment::default())
+            .unwrap();
+        assert_eq!(cfg.key_source, None);
+        let sts = ["--backend", "sts", "--associations", "/a.yaml"];
+        assert!(cli(&sts).into_config(&in_cluster).is_ok());
+        assert!(cli(&sts).into_config(&Environment::default()).is_err());
+    }
+
+    #[test]
+    fn out_of_bounds_values_name_the_flag_and_its_bounds() {
+        for (args, message) in [
+            (
+                vec!["--max-credential-retention-before-renewal", "300000000000y"],
+                "--max-credential-retention-before-renewal: must be between 1s and 1day",
+            ),
+            (
+                vec!["--max-service-qps", "1e-30"],
+                "--max-service-qps: must be 0 or less (the default), or between 0.01 and 1000",
+            ),
+            (
+                vec!["--max-cache-size", "18446744073709551615"],
+                "--max-cache-size: must be between 1 and 1000000, not 18446744073709551615",
+            ),
+            (
+                vec!["--caller-rate-limit", "1e-19"],
+                "--caller-rate-limit: must be 0 (no limit), or between 0.01 and 1000000",
+            ),
+            (
+                vec!["--global-burst", "0.5"],
+                "--global-burst: must be between 1 and 1000000",
+            ),
+            (
+                vec!["--rotate-credentials-interval", "2h"],
+                "--rotate-credentials-interval: must be between 1s and 1h",
+            ),
+        ] {
+            let mut all = vec!["-c", "x"];
+            all.extend(args.iter());
+            let err = parse(&all).unwrap_err();
+            assert!(err.starts_with(message), "{args:?}: {err}");
+        }
+        // Zero keeps upstream's meaning: caching off.
+        let cfg = parse(&["-c", "x", "--max-credential-retention-before-renewal", "0s"]).unwrap();
+        assert!(cfg.max_retention.is_zero());
+        let cfg = parse(&["-c", "x", "--max-cache-size", "0"]).unwrap();
+        assert_eq!(cfg.max_cache_size, 0);
     }
 
     #[test]

@@ -67,7 +67,13 @@ pub async fn run(
     interval: Duration,
 ) -> std::io::Result<()> {
     loop {
-        match copy_changed(from, to, names) {
+        // The copy is std::fs (open with a mode, fsync, rename) and may wait on a slow volume:
+        // off the runtime's thread, so the signal that stops the command is still heard.
+        let (from_dir, to_dir, files) = (from.to_owned(), to.to_owned(), names.to_vec());
+        let round = tokio::task::spawn_blocking(move || copy_changed(&from_dir, &to_dir, &files))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match round {
             Ok(copied) if !copied.is_empty() => {
                 tracing::info!(files = ?copied, to = %to.display(), "copied changed credential files")
             }

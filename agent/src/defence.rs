@@ -58,6 +58,10 @@ defences! {
     NodeBinding => "node-binding",
     CallerAttestation => "caller-attestation",
     PodDeletionForgets => "pod-deletion-forgets",
+    EdgeDeadline => "edge-deadline",
+    ConnectionReclaim => "connection-reclaim",
+    FragmentTarget => "fragment-target",
+    ServableMargin => "servable-margin",
 }
 
 impl Defence {

@@ -6,7 +6,9 @@
 //! verification -> cache -> JSON.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,6 +23,7 @@ use crate::cache::{CacheError, CredentialCache};
 use crate::defence::{self, Defence};
 use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
 use crate::metrics::Metrics;
+use crate::server::FragmentInTarget;
 use crate::token::{TokenError, Verifier};
 use crate::upstream::{Credentials, FailureKind};
 
@@ -28,6 +31,54 @@ use crate::upstream::{Credentials, FailureKind};
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// What a throttled client is told to wait; the SDKs retry after about 1 s anyway.
 const RETRY_AFTER_SECS: &str = "1";
+/// One deadline for the whole credentials path: keys (an unknown `kid`'s reload), the pod
+/// lookup, the cache and the upstream call share it, so their own bounds cannot add up past
+/// the contract's 5 s for a failed fresh request. The 200 ms left are for writing the answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_millis(4800);
+
+/// What a request was waiting for when [`REQUEST_DEADLINE`] passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// The verification keys (a reload for a key id the agent does not have yet).
+    Keys,
+    /// The caller check (a lookup of a pod the watch has not delivered yet).
+    Caller,
+    /// The credentials (an upstream call).
+    Credentials,
+}
+
+impl Pending {
+    const ALL: [Pending; 3] = [Pending::Keys, Pending::Caller, Pending::Credentials];
+
+    fn code(self) -> &'static str {
+        match self {
+            Pending::Keys => "KeysUnavailable",
+            Pending::Caller => "PodLookupTimeout",
+            Pending::Credentials => "UpstreamTimeout",
+        }
+    }
+}
+
+/// Where a request is on its way, readable after its future was dropped at the deadline.
+struct Progress(AtomicU8);
+
+impl Progress {
+    fn new() -> Progress {
+        Progress(AtomicU8::new(0))
+    }
+
+    fn set(&self, pending: Pending) {
+        self.0.store(pending as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Pending {
+        let at = usize::from(self.0.load(Ordering::Relaxed));
+        Pending::ALL
+            .get(at)
+            .copied()
+            .unwrap_or(Pending::Credentials)
+    }
+}
 
 /// `Retry-After` for a limiter wait, in whole seconds (at least 1).
 fn retry_after_value(secs: u64) -> &'static str {
@@ -124,6 +175,8 @@ pub enum ApiError {
     Attest(#[from] AttestError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("no answer within the request deadline (waiting for {0:?})")]
+    Deadline(Pending),
 }
 
 impl ApiError {
@@ -206,6 +259,13 @@ impl ApiError {
             ApiError::Cache(CacheError::Internal) => {
                 (S::INTERNAL_SERVER_ERROR, "InternalError".into(), None)
             }
+            ApiError::Deadline(pending) => {
+                let status = match pending {
+                    Pending::Keys | Pending::Caller => S::SERVICE_UNAVAILABLE,
+                    Pending::Credentials => S::GATEWAY_TIMEOUT,
+                };
+                (status, pending.code().into(), Some(RETRY_AFTER_SECS))
+            }
         }
     }
 
@@ -277,7 +337,7 @@ pub async fn handle(
     } else {
         "other"
     };
-    let response = match credentials(&state, &req, peer).await {
+    let response = match credentials(&state, &req, peer, started).await {
         Ok(creds) => credentials_response(&creds),
         Err(err) => {
             let (status, code, _) = err.classify();
@@ -320,7 +380,17 @@ async fn credentials(
     state: &AppState,
     req: &Request<Incoming>,
     peer: SocketAddr,
+    started: Instant,
 ) -> Result<Arc<Credentials>, ApiError> {
+    // A fragment is no part of an HTTP request target (RFC 9112's origin-form), and the
+    // parser would drop it: refused rather than served as the exact route.
+    if req.extensions().get::<FragmentInTarget>().is_some() && defence::on(Defence::FragmentTarget)
+    {
+        return Err(ApiError::BadRequest(
+            "BadRequestTarget",
+            "a request target has no fragment (#)".into(),
+        ));
+    }
     // No normalisation: `/v1/credentials/`, `//v1/credentials` and percent-encodings are 404.
     if req.uri().path() != CREDENTIALS_PATH {
         return Err(ApiError::NotFound);
@@ -387,9 +457,25 @@ async fn credentials(
             ))
         }
     };
-    let identity = state.verifier.verify(token).await?;
-    state.attest.check(&identity, peer.ip()).await?;
-    Ok(state.cache.get(&identity).await?)
+    // Dropping this future at the deadline cancels only the request's own waiting: what
+    // other requests share (a key reload, a pod lookup, an upstream fetch) runs in tasks of
+    // its own and goes on.
+    let progress = Progress::new();
+    let answer = async {
+        progress.set(Pending::Keys);
+        let identity = state.verifier.verify(token).await?;
+        progress.set(Pending::Caller);
+        state.attest.check(&identity, peer.ip()).await?;
+        progress.set(Pending::Credentials);
+        Ok(state.cache.get(&identity).await?)
+    };
+    if !defence::on(Defence::EdgeDeadline) {
+        return answer.await;
+    }
+    match tokio::time::timeout_at(started + REQUEST_DEADLINE, answer).await {
+        Ok(answer) => answer,
+        Err(_) => Err(ApiError::Deadline(progress.get())),
+    }
 }
 
 #[cfg(test)]

@@ -7,20 +7,22 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Uri;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::KeySource;
 use crate::defence::{self, Defence};
 use crate::metrics::Metrics;
+use crate::sync;
 
 /// Algorithms a Kubernetes issuer signs with. `none` and every HMAC algorithm are refused:
 /// a verifier that accepts HS256 can be fooled with the public key used as the HMAC secret.
@@ -65,6 +67,13 @@ struct VerifyKey {
     kid: Option<String>,
     algorithms: Vec<Algorithm>,
     key: Arc<DecodingKey>,
+}
+
+/// The reload an unknown `kid` started: when the last one began, and the one running.
+#[derive(Default)]
+struct OnDemand {
+    last: Option<Instant>,
+    in_flight: Option<watch::Receiver<bool>>,
 }
 
 /// One loaded JWKS.
@@ -161,16 +170,17 @@ fn usable_key(jwk: &Jwk) -> Option<VerifyKey> {
 pub struct KeyStore {
     /// `None` for a fixed store that never reloads.
     source: Option<KeySource>,
-    current: RwLock<Option<Arc<KeySet>>>,
+    /// Swapped whole on a reload; read by every verification, and cannot poison.
+    current: ArcSwapOption<KeySet>,
     /// Serialises on-demand reloads and remembers when the last one ran.
-    on_demand: Mutex<Option<Instant>>,
+    on_demand: std::sync::Mutex<OnDemand>,
     /// Present for URL and discovery sources.
     http: Option<HttpFetcher>,
     metrics: Metrics,
     loaded_tx: watch::Sender<bool>,
     /// Bumped on every key set installed, so results verified against an older set expire.
     generation: AtomicU64,
-    discovered_issuer: RwLock<Option<String>>,
+    discovered_issuer: ArcSwapOption<String>,
     /// When the keys were last fetched, or (a file) confirmed unchanged.
     confirmed_at: std::sync::Mutex<Option<Instant>>,
     /// A discovery document may point at plain http beyond loopback.
@@ -205,13 +215,13 @@ impl KeyStore {
         let (loaded_tx, _) = watch::channel(false);
         Ok(Arc::new(KeyStore {
             source: Some(source),
-            current: RwLock::new(None),
-            on_demand: Mutex::new(None),
+            current: ArcSwapOption::empty(),
+            on_demand: std::sync::Mutex::default(),
             http,
             metrics,
             loaded_tx,
             generation: AtomicU64::new(0),
-            discovered_issuer: RwLock::new(None),
+            discovered_issuer: ArcSwapOption::empty(),
             confirmed_at: std::sync::Mutex::new(None),
             allow_insecure,
             kube,
@@ -220,16 +230,11 @@ impl KeyStore {
 
     /// Time since the keys were last fetched or confirmed from their source.
     pub fn age(&self) -> Option<std::time::Duration> {
-        self.confirmed_at
-            .lock()
-            .ok()
-            .and_then(|t| t.map(|t| t.elapsed()))
+        sync::lock(&self.confirmed_at).map(|t| t.elapsed())
     }
 
     fn confirm(&self) {
-        if let Ok(mut t) = self.confirmed_at.lock() {
-            *t = Some(Instant::now());
-        }
+        *sync::lock(&self.confirmed_at) = Some(Instant::now());
     }
 
     /// A store that already holds `set` and never reloads (tests, and the demo's own key).
@@ -237,13 +242,13 @@ impl KeyStore {
         let (loaded_tx, _) = watch::channel(true);
         Arc::new(KeyStore {
             source: None,
-            current: RwLock::new(Some(Arc::new(set))),
-            on_demand: Mutex::new(None),
+            current: ArcSwapOption::from_pointee(set),
+            on_demand: std::sync::Mutex::default(),
             http: None,
             metrics,
             loaded_tx,
             generation: AtomicU64::new(1),
-            discovered_issuer: RwLock::new(None),
+            discovered_issuer: ArcSwapOption::empty(),
             confirmed_at: std::sync::Mutex::new(Some(Instant::now())),
             allow_insecure: false,
             kube: None,
@@ -256,7 +261,7 @@ impl KeyStore {
     }
 
     pub fn is_loaded(&self) -> bool {
-        self.current.read().map(|c| c.is_some()).unwrap_or(false)
+        self.current.load().is_some()
     }
 
     /// Resolves once a key set has been loaded.
@@ -270,8 +275,8 @@ impl KeyStore {
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Vec<Arc<DecodingKey>>, KeysError> {
-        let guard = self.current.read().map_err(|_| KeysError::NotLoaded)?;
-        let set = guard.as_ref().ok_or(KeysError::NotLoaded)?;
+        let current = self.current.load();
+        let set = current.as_deref().ok_or(KeysError::NotLoaded)?;
         let mut kid_seen = false;
         let mut out = Vec::new();
         for k in &set.keys {
@@ -291,18 +296,40 @@ impl KeyStore {
         Ok(out)
     }
 
-    /// Reload now because a token named a key we do not have; rate limited.
-    pub async fn refresh_for_unknown_key(&self) {
+    /// Reload now because a token named a key we do not have; rate limited, and shared: a
+    /// request that comes while such a reload runs waits for that one. The reload is a task
+    /// of its own, so a request that gives up waiting (the edge deadline) does not cancel it.
+    pub async fn refresh_for_unknown_key(self: &Arc<Self>) {
         if self.source.is_none() {
             return;
         }
-        let mut last = self.on_demand.lock().await;
-        let pacing = defence::on(Defence::UnknownKidPacing);
-        if pacing && last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFRESH_INTERVAL) {
-            return;
-        }
-        *last = Some(Instant::now());
-        let _ = self.reload("unknown_kid").await;
+        let mut done = {
+            let mut on_demand = sync::lock(&self.on_demand);
+            match &on_demand.in_flight {
+                Some(done) => done.clone(),
+                None => {
+                    let pacing = defence::on(Defence::UnknownKidPacing);
+                    if pacing
+                        && on_demand
+                            .last
+                            .is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFRESH_INTERVAL)
+                    {
+                        return;
+                    }
+                    on_demand.last = Some(Instant::now());
+                    let (tx, done) = watch::channel(false);
+                    on_demand.in_flight = Some(done.clone());
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let _ = this.reload("unknown_kid").await;
+                        sync::lock(&this.on_demand).in_flight = None;
+                        tx.send_replace(true);
+                    });
+                    done
+                }
+            }
+        };
+        let _ = done.wait_for(|finished| *finished).await;
     }
 
     /// Load the key set from the source and install it if valid.
@@ -314,9 +341,7 @@ impl KeyStore {
         match result {
             Ok(set) => {
                 let n = set.len();
-                if let Ok(mut cur) = self.current.write() {
-                    *cur = Some(Arc::new(set));
-                }
+                self.current.store(Some(Arc::new(set)));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 self.loaded_tx.send_replace(true);
                 self.metrics.key_reload("success", reason);
@@ -365,15 +390,13 @@ impl KeyStore {
         let issuer = serde_json::from_slice::<serde_json::Value>(&discovery)
             .ok()
             .and_then(|v| v.get("issuer")?.as_str().map(str::to_owned));
-        if let Ok(mut slot) = self.discovered_issuer.write() {
-            *slot = issuer;
-        }
+        self.discovered_issuer.store(issuer.map(Arc::new));
         KeySet::from_jwks(&api_get(client, "/openid/v1/jwks").await?)
     }
 
     /// The issuer the API server announced (in-cluster discovery only).
     pub fn discovered_issuer(&self) -> Option<String> {
-        self.discovered_issuer.read().ok().and_then(|i| i.clone())
+        self.discovered_issuer.load().as_deref().cloned()
     }
 
     /// `<issuer>/.well-known/openid-configuration` -> `jwks_uri`.

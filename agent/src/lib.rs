@@ -25,6 +25,7 @@ pub mod netlink;
 pub mod pods;
 pub mod server;
 pub mod shutdown;
+pub(crate) mod sync;
 pub mod token;
 pub mod upstream;
 
@@ -46,7 +47,7 @@ use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
 use crate::kube_api::LastContact;
 use crate::limits::{LogLimiter, RequestLimiter};
-use crate::metrics::Metrics;
+use crate::metrics::{Features, Metrics};
 use crate::pods::NodePods;
 use crate::token::Verifier;
 use crate::upstream::eks_auth::EksAuth;
@@ -96,7 +97,7 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Agent, StartError> {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut run = Startup {
-            metrics: Metrics::new(),
+            metrics: Metrics::with_features(features(&config)),
             shutdown_rx,
             tasks: JoinSet::new(),
         };
@@ -143,6 +144,19 @@ impl Agent {
     }
 }
 
+/// The optional parts `config` turns on, whose metric families are exported; the families of
+/// the parts that are off are not (see `metrics.rs`). Each condition is the one under which
+/// [`Startup`] starts that part.
+fn features(config: &Config) -> Features {
+    let attesting = config.caller_attestation == CallerAttestation::Pod;
+    Features {
+        local_verification: config.key_source.is_some(),
+        pod_watch: attesting,
+        kubernetes_api: attesting || config.key_source == Some(KeySource::KubernetesApi),
+        associations: config.upstream.backend == BackendKind::Sts,
+    }
+}
+
 impl Startup {
     /// The upstream: EKS Auth, or STS with its associations file (loaded now, then watched).
     async fn backend(&self, config: &Config) -> Result<Arc<dyn Backend>, StartError> {
@@ -150,6 +164,7 @@ impl Startup {
             match (config.upstream.backend, &config.upstream.associations) {
                 (BackendKind::Sts, Some(path)) => {
                     let store = AssociationStore::load(path, self.metrics.clone())
+                        .await
                         .map_err(|e| ConfigError::new("associations", e.to_string()))?;
                     tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
                     Arc::new(Sts::new(&config.upstream, store).await?)

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::sync;
+
 /// Per-caller state is bounded: past this many tracked callers, full (idle) buckets are
 /// dropped, and if none is idle a new caller is let through on the global limit alone.
 const MAX_TRACKED_CALLERS: usize = 4096;
@@ -51,7 +53,10 @@ impl TokenBucket {
         } else if self.rate <= 0.0 {
             Err(Duration::from_secs(1))
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            // Configured rates are bounded, but a wait past what a Duration holds must not
+            // panic: it is as good as "not for a long while".
+            let wait = (1.0 - self.tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600)))
         }
     }
 
@@ -134,7 +139,7 @@ impl Default for LogLimiter {
 
 impl LogLimiter {
     pub fn check(&self, reason: &str, now: Instant) -> LogDecision {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut windows = sync::lock(&self.windows);
         let key = if windows.contains_key(reason) || windows.len() < MAX_LOG_REASONS - 1 {
             reason
         } else {
@@ -198,7 +203,7 @@ impl RequestLimiter {
     pub fn check(&self, ip: IpAddr) -> Result<(), Limited> {
         let now = Instant::now();
         if self.caller_rate > 0.0 {
-            let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut callers = sync::lock(&self.callers);
             if now.saturating_duration_since(callers.last_sweep) >= SWEEP_INTERVAL
                 || (callers.buckets.len() >= MAX_TRACKED_CALLERS
                     && !callers.buckets.contains_key(&ip))
@@ -219,17 +224,13 @@ impl RequestLimiter {
             }
         }
         if let Some(global) = &self.global {
-            global
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_take(now)
-                .map_err(Limited::Global)?;
+            sync::lock(global).try_take(now).map_err(Limited::Global)?;
         }
         Ok(())
     }
 
     pub fn tracked_callers(&self) -> usize {
-        self.callers.lock().map(|c| c.buckets.len()).unwrap_or(0)
+        sync::lock(&self.callers).buckets.len()
     }
 }
 
@@ -266,7 +267,7 @@ impl RefreshBudget {
 
     /// The current rate (tokens per second).
     pub fn rate(&self) -> f64 {
-        *self.rate.lock().unwrap_or_else(|p| p.into_inner())
+        *sync::lock(&self.rate)
     }
 
     /// Wait for a token. Waiters queue in order; a caller that stops waiting (its future is
@@ -298,7 +299,7 @@ impl RefreshBudget {
     }
 
     fn adjust(&self, f: impl FnOnce(f64) -> f64) -> f64 {
-        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rate = sync::lock(&self.rate);
         *rate = f(*rate);
         *rate
     }
@@ -354,6 +355,37 @@ mod tests {
         tokio::time::advance(SWEEP_INTERVAL).await;
         limiter.check(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
         assert_eq!(limiter.tracked_callers(), 1, "idle callers forgotten");
+    }
+
+    /// A panic while a limiter's lock is held (a bug) must not turn into refusing, or
+    /// miscounting, every request after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_poisoned_limiter_keeps_limiting() {
+        let limiter = RequestLimiter::new(1.0, 2.0, 100.0, 100.0);
+        let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        limiter.check(a).unwrap();
+        sync::poison(&limiter.callers);
+        if let Some(global) = &limiter.global {
+            sync::poison(global);
+        }
+        assert_eq!(
+            limiter.tracked_callers(),
+            1,
+            "the callers are still counted"
+        );
+        limiter.check(a).unwrap();
+        assert!(
+            matches!(limiter.check(a), Err(Limited::Caller(_))),
+            "and still limited: the bucket kept its state"
+        );
+        limiter
+            .check(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)))
+            .unwrap();
+
+        let budget = RefreshBudget::new(4.0);
+        sync::poison(&budget.rate);
+        assert_eq!(budget.on_throttled(), 2.0);
+        assert_eq!(budget.rate(), 2.0);
     }
 
     #[tokio::test(start_paused = true)]

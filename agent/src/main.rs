@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use pod_identity_agent::config::{Cli, Command, EXIT_USAGE};
+use pod_identity_agent::config::{Cli, Command, Environment, EXIT_USAGE};
 use pod_identity_agent::{defence, logging, netlink, shutdown, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
@@ -59,12 +59,13 @@ fn main() -> ExitCode {
             if let Err(e) = logging::init(&args.log, verbosity) {
                 return usage_error(e);
             }
-            if args.file.iter().any(|f| f.is_empty() || f.contains('/')) {
-                return usage_error("--file: names of files in --from, without slashes");
-            }
+            let interval = match args.checked_interval() {
+                Ok(interval) => interval,
+                Err(e) => return usage_error(e),
+            };
             runtime.block_on(async move {
                 tokio::select! {
-                    result = pod_identity_agent::copy::run(&args.from, &args.to, &args.file, args.interval.into()) => {
+                    result = pod_identity_agent::copy::run(&args.from, &args.to, &args.file, interval) => {
                         if let Err(e) = result {
                             eprintln!("pod-identity-agent copy-credentials: {e}");
                             return exit(1);
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
                 Err(e) => return usage_error(e),
             }
             let dry_run = args.dry_run;
-            let config = match args.into_config() {
+            let config = match args.into_config(&Environment::of_process()) {
                 Ok(c) => c,
                 Err(e) => return usage_error(e),
             };

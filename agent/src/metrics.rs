@@ -3,15 +3,25 @@
 //! Labels take values from small fixed sets (route, status class, outcome, reason); nothing
 //! derived from a pod, a token or an upstream message becomes a label, so the series count is
 //! bounded whatever pods do.
+//!
+//! Two rules keep every value a scrape shows meaningful. A family that belongs to a feature
+//! that can be off ([`Features`]) is registered only when it is on, so an agent without caller
+//! attestation has no pod-watch family at all, rather than a `pod_watch_synced 0` that fires
+//! the pod-watch alert on every such node. And a value that is not known (no credentials in
+//! use, keys never loaded) is no sample ([`Seconds`]), never NaN, which every comparison in an
+//! alert silently reads as false and every sum turns into NaN.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 pub const PREFIX: &str = "pod_identity_agent";
@@ -29,6 +39,63 @@ type HistogramVec = Family<Labels1, Histogram>;
 /// A gauge of seconds or calls per second.
 type Real = Gauge<f64, AtomicU64>;
 
+/// A gauge of seconds that may not be known yet, or at the moment (see the module's rules):
+/// while unknown the family has no sample, so alerts and dashboards see "no data", not NaN.
+#[derive(Clone, Debug)]
+pub struct Seconds(Real);
+
+impl Default for Seconds {
+    fn default() -> Self {
+        let gauge = Real::default();
+        gauge.set(f64::NAN);
+        Seconds(gauge)
+    }
+}
+
+impl Seconds {
+    /// The value, or `None` for "not known": the sample is left out of the next scrape.
+    pub fn set(&self, value: Option<Duration>) {
+        self.0.set(value.map_or(f64::NAN, |d| d.as_secs_f64()));
+    }
+}
+
+impl EncodeMetric for Seconds {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        if self.0.get().is_nan() {
+            return Ok(());
+        }
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+/// The parts of the agent that can be off, and so the families that are registered: those
+/// marked `#[only(feature)]` below are left out of `/metrics` while their feature is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Tokens verified locally against a key source: key reloads, keys loaded, key set age.
+    pub local_verification: bool,
+    /// `--caller-attestation pod`: the node's pod watch and single-pod lookups.
+    pub pod_watch: bool,
+    /// A Kubernetes client (the pod watch, or keys from the API server): its requests.
+    pub kubernetes_api: bool,
+    /// The sts backend's associations file.
+    pub associations: bool,
+}
+
+impl Features {
+    /// Every feature on, every family registered (unit tests, benches, the fuzz harness).
+    pub const ALL: Features = Features {
+        local_verification: true,
+        pod_watch: true,
+        kubernetes_api: true,
+        associations: true,
+    };
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~6.5 s: cache hits sit at the bottom, upstream calls and timeouts at the top.
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
@@ -40,10 +107,12 @@ fn latency_by_label() -> HistogramVec {
 
 /// Declares the families once, as a struct: each field is named as the family is exported
 /// (less the prefix, and the `_total` a counter gets), its doc comment is the exported help,
-/// and `= expr` says how it starts where the type's default does not do. The struct and the
-/// registration are both written from this one list.
+/// `#[only(feature)]` names the [`Features`] field without which it is not registered, and
+/// `= expr` says how it starts where the type's default does not do. The struct and the
+/// registration are both written from this one list. A family that is not registered still
+/// has its field, so the code that counts need not ask; nothing it counts is exported.
 macro_rules! families {
-    ($(#[doc = $help:literal] $name:ident: $ty:ty $(= $start:expr)?,)*) => {
+    ($(#[doc = $help:literal] $(#[only($feature:ident)])? $name:ident: $ty:ty $(= $start:expr)?,)*) => {
         /// Handle to the metric families; cheap to clone (every field is shared).
         #[derive(Clone)]
         pub struct Metrics {
@@ -55,12 +124,15 @@ macro_rules! families {
         }
 
         impl Metrics {
-            /// Every family, registered under its name, with no series yet.
-            fn registered() -> Metrics {
+            /// Every family of the `features` that are on, registered under its name, with no
+            /// series yet.
+            fn registered(features: Features) -> Metrics {
                 let mut registry = Registry::with_prefix(PREFIX);
                 $(
                     let $name: $ty = families!(@start $($start)?);
-                    registry.register(stringify!($name), $help.trim(), $name.clone());
+                    if families!(@on features $($feature)?) {
+                        registry.register(stringify!($name), $help.trim(), $name.clone());
+                    }
                 )*
                 let build_info = Family::<Labels1, Gauge>::default();
                 registry.register("build_info", "Agent version", build_info.clone());
@@ -79,6 +151,12 @@ macro_rules! families {
     };
     (@start $start:expr) => {
         $start
+    };
+    (@on $features:ident) => {
+        true
+    };
+    (@on $features:ident $feature:ident) => {
+        $features.$feature
     };
 }
 
@@ -109,43 +187,56 @@ families! {
     refreshes: CounterVec,
     /// Current background refresh budget in calls per second (halved on throttling)
     refresh_budget_qps: Real,
-    /// Smallest remaining lifetime of any credentials in use (NaN when there are none)
-    cache_min_credential_lifetime_seconds: Real,
+    /// Smallest remaining lifetime of any credentials in use (no sample when there are none)
+    cache_min_credential_lifetime_seconds: Seconds,
     /// Open connections on the credentials listeners
     open_connections: Gauge,
     /// Connections answered with 503 and closed because --max-connections were open
     connections_refused: Counter,
+    /// Idle or unfinished connections closed to make room for a new client when every slot was taken
+    connections_reclaimed: Counter,
     /// Request-path fetches refused with 503 because every upstream slot stayed busy
     upstream_busy: Counter,
     /// Requests refused with 429 by the agent's own limits, by scope
     rate_limited: CounterVec,
     /// Associations loaded from --associations (sts backend)
+    #[only(associations)]
     associations: Gauge,
     /// Loads of the associations file by outcome (a failure keeps the last good set)
+    #[only(associations)]
     association_reloads: CounterVec,
     /// Tokens refused before any upstream call, by reason
     token_rejections: CounterVec,
     /// Verification key set loads by outcome and reason
+    #[only(local_verification)]
     key_reloads: CounterVec2,
     /// Keys in the current verification key set
+    #[only(local_verification)]
     keys_loaded: Gauge,
     /// 1 when pod tokens are verified locally, 0 when they go upstream unverified
     verification_enabled: Gauge,
-    /// Seconds since the keys were last fetched or confirmed (NaN before the first)
-    key_set_age_seconds: Real,
+    /// Seconds since the keys were last fetched or confirmed (no sample before the first)
+    #[only(local_verification)]
+    key_set_age_seconds: Seconds,
     /// 1 when --allow-insecure-key-source lets keys come over plain http from beyond loopback
     insecure_key_source: Gauge,
     /// Running pods of this node known to caller attestation (--caller-attestation pod)
+    #[only(pod_watch)]
     pods_known: Gauge,
     /// 1 once the node's pods have been listed; before that, credential requests get 503
+    #[only(pod_watch)]
     pod_watch_synced: Gauge,
-    /// Seconds since the Kubernetes API server last sent anything (NaN before the first)
-    pod_watch_staleness_seconds: Real,
+    /// Seconds since the Kubernetes API server last sent anything (no sample before the first)
+    #[only(pod_watch)]
+    pod_watch_staleness_seconds: Seconds,
     /// Errors of the node's pod watch (each is retried with backoff)
+    #[only(pod_watch)]
     pod_watch_errors: Counter,
     /// Single-pod reads for pods the watch had not delivered, by result
+    #[only(pod_watch)]
     pod_lookups: CounterVec,
     /// Requests to the Kubernetes API server by kind (list, watch, get, keys, other)
+    #[only(kubernetes_api)]
     kubernetes_requests: CounterVec,
 }
 
@@ -177,16 +268,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every family registered ([`Features::ALL`]).
     pub fn new() -> Metrics {
-        let mut metrics = Metrics::registered();
-        // "Not known yet" is not zero: these read NaN until first set.
-        for unknown in [
-            &metrics.cache_min_credential_lifetime_seconds,
-            &metrics.key_set_age_seconds,
-            &metrics.pod_watch_staleness_seconds,
-        ] {
-            unknown.set(f64::NAN);
-        }
+        Metrics::with_features(Features::ALL)
+    }
+
+    /// The families of the agent's `features`, and no others.
+    pub fn with_features(features: Features) -> Metrics {
+        let mut metrics = Metrics::registered(features);
         metrics.credentials_ok = metrics
             .requests
             .get_or_create(&[("route", "credentials"), ("status_class", "2xx")])
@@ -275,5 +364,62 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn families_of_features_that_are_off_are_not_exported() {
+        let off = Metrics::with_features(Features {
+            local_verification: false,
+            pod_watch: false,
+            kubernetes_api: false,
+            associations: false,
+        });
+        // Counting into a family that is not registered is harmless and invisible.
+        off.pod_watch_synced.set(0);
+        off.pod_watch_staleness_seconds
+            .set(Some(Duration::from_secs(3)));
+        off.association_reload("success");
+        let text = off.encode();
+        for family in [
+            "key_reloads",
+            "keys_loaded",
+            "key_set_age_seconds",
+            "pods_known",
+            "pod_watch_synced",
+            "pod_watch_staleness_seconds",
+            "pod_watch_errors",
+            "pod_lookups",
+            "kubernetes_requests",
+            "associations",
+            "association_reloads",
+        ] {
+            assert!(
+                !text.contains(&format!("{PREFIX}_{family} ")),
+                "{family} in\n{text}"
+            );
+        }
+        assert!(text.contains("pod_identity_agent_verification_enabled 0"));
+        let all = Metrics::new().encode();
+        assert!(all.contains("# TYPE pod_identity_agent_pod_watch_synced gauge"));
+    }
+
+    #[test]
+    fn an_unknown_value_is_no_sample_not_nan() {
+        let m = Metrics::new();
+        let series = "pod_identity_agent_pod_watch_staleness_seconds";
+        let sample = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .map(str::to_owned)
+        };
+        let text = m.encode();
+        assert!(!text.contains("NaN"), "{text}");
+        assert!(text.contains(&format!("# TYPE {series} gauge")), "{text}");
+        assert_eq!(sample(&text), None, "{text}");
+        m.pod_watch_staleness_seconds
+            .set(Some(Duration::from_millis(1500)));
+        assert_eq!(sample(&m.encode()), Some(format!("{series} 1.5")));
+        m.pod_watch_staleness_seconds.set(None);
+        assert_eq!(sample(&m.encode()), None);
     }
 }

@@ -22,11 +22,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use tokio::sync::{watch, OnceCell, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::kube_api::LastContact;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::sync;
 
 /// Pods remembered as gone, so replays of their tokens cost no API call.
 const MAX_GONE: usize = 16_384;
@@ -37,8 +38,12 @@ const LOOKUP_CONCURRENCY: usize = 4;
 /// ...and at most this many per second on average, in bursts of `LOOKUP_BURST`.
 const LOOKUP_RATE: f64 = 5.0;
 const LOOKUP_BURST: f64 = 20.0;
-/// A single-pod read that takes longer is given up (the request gets 503).
+/// A single-pod read that takes longer is given up. The request waiting for it is answered
+/// by the edge deadline first (503); the read goes on so that the retry finds the pod.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a lookup waits for one of the [`LOOKUP_CONCURRENCY`] slots before it is refused
+/// (503 `PodLookupLimited`).
+const LOOKUP_QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// How long the host's interface addresses are reused before they are read again.
 const HOST_ADDRS_TTL: Duration = Duration::from_secs(10);
 
@@ -148,8 +153,10 @@ enum Seen {
     Unknown,
 }
 
-/// One single-pod read, shared by every request that waits for it.
-type Lookup = OnceCell<Result<(), Refusal>>;
+/// One single-pod read, shared by every request that waits for it: a spawned task, so a
+/// request that gives up (the edge deadline) does not cancel it, and its answer still goes
+/// into the pod set for the client's retry.
+type Lookup = watch::Receiver<Option<Result<(), Refusal>>>;
 
 /// Told the UID of every pod found gone, once.
 pub type OnGone = Box<dyn Fn(&str) + Send + Sync>;
@@ -165,7 +172,7 @@ pub struct NodePods {
     metrics: Metrics,
     lookup_budget: Mutex<TokenBucket>,
     lookup_slots: Semaphore,
-    lookups_in_flight: Mutex<HashMap<Box<str>, Arc<Lookup>>>,
+    lookups_in_flight: Mutex<HashMap<Box<str>, Lookup>>,
     /// The pods of a list in progress (between the watcher's `Init` and `InitDone`), and when
     /// it began.
     relist: Mutex<Option<(Instant, PodMap)>>,
@@ -197,11 +204,11 @@ impl NodePods {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+        sync::read(&self.state)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+        sync::write(&self.state)
     }
 
     /// True once the first complete list has arrived.
@@ -221,7 +228,7 @@ impl NodePods {
 
     /// Serve a request for pod `uid` (named `namespace`/`name` in its token) from `peer`?
     pub async fn check(
-        &self,
+        self: &Arc<Self>,
         uid: &str,
         namespace: &str,
         name: Option<&str>,
@@ -264,40 +271,53 @@ impl NodePods {
     }
 
     /// One GET per unknown UID at a time, however many requests carry it.
-    async fn look_up(&self, namespace: &str, name: &str, uid: &str) -> Result<(), Refusal> {
-        let cell = {
-            let mut in_flight = self
-                .lookups_in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            in_flight.entry(uid.into()).or_default().clone()
+    async fn look_up(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(), Refusal> {
+        let mut lookup = {
+            let mut in_flight = sync::lock(&self.lookups_in_flight);
+            match in_flight.get(uid) {
+                Some(lookup) => lookup.clone(),
+                None => {
+                    let (tx, lookup) = watch::channel(None);
+                    in_flight.insert(uid.into(), lookup.clone());
+                    let this = self.clone();
+                    let (namespace, name, uid) =
+                        (namespace.to_owned(), name.to_owned(), uid.to_owned());
+                    tokio::spawn(async move {
+                        let result = this.fetch_pod(&namespace, &name, &uid).await;
+                        sync::lock(&this.lookups_in_flight).remove(uid.as_str());
+                        tx.send_replace(Some(result));
+                    });
+                    lookup
+                }
+            }
         };
-        let result = *cell
-            .get_or_init(|| self.fetch_pod(namespace, name, uid))
-            .await;
-        let mut in_flight = self
-            .lookups_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if in_flight.get(uid).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            in_flight.remove(uid);
-        }
+        let result = match lookup.wait_for(Option::is_some).await {
+            Ok(result) => result.unwrap_or(Err(Refusal::LookupFailed)),
+            Err(_) => Err(Refusal::LookupFailed),
+        };
         result
     }
 
     /// Read one pod; what it says goes into the pod set (live, or gone).
     async fn fetch_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<(), Refusal> {
-        let allowed = self
-            .lookup_budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let allowed = sync::lock(&self.lookup_budget)
             .try_take(Instant::now())
             .is_ok();
         if !allowed {
             self.metrics.pod_lookup("limited");
             return Err(Refusal::LookupLimited);
         }
-        let Ok(_slot) = self.lookup_slots.acquire().await else {
+        // Queue for a slot only briefly: a pod the API server is slow to describe must not
+        // hold up the lookups queued behind it for longer than a client waits.
+        let Ok(Ok(_slot)) =
+            tokio::time::timeout(LOOKUP_QUEUE_WAIT, self.lookup_slots.acquire()).await
+        else {
+            self.metrics.pod_lookup("limited");
             return Err(Refusal::LookupLimited);
         };
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
@@ -383,7 +403,7 @@ impl NodePods {
     }
 
     fn is_host_address(&self, ip: IpAddr) -> bool {
-        let mut cached = self.host_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = sync::lock(&self.host_addrs);
         let now = Instant::now();
         if cached
             .0
@@ -426,7 +446,7 @@ impl NodePods {
     /// without an API server).
     pub fn apply(&self, event: Event<Pod>) {
         let now = Instant::now();
-        let mut relist = self.relist.lock().unwrap_or_else(|p| p.into_inner());
+        let mut relist = sync::lock(&self.relist);
         match event {
             Event::Init => *relist = Some((now, HashMap::new())),
             Event::InitApply(pod) => {
@@ -573,7 +593,7 @@ mod tests {
     }
 
     /// What a request with pod `uid`'s token from `ip` gets.
-    async fn ask(pods: &NodePods, uid: &str, ip: &str) -> Result<(), Refusal> {
+    async fn ask(pods: &Arc<NodePods>, uid: &str, ip: &str) -> Result<(), Refusal> {
         pods.check(uid, "ns", None, ip.parse().unwrap()).await
     }
 

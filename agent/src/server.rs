@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,10 +18,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::config::{DEFAULT_IDLE_TIMEOUT, DEFAULT_SEND_TIMEOUT};
 use crate::defence::{self, Defence};
@@ -28,12 +29,15 @@ use crate::metrics::Metrics;
 
 /// Header section limit: a pod token is about 1 KiB; hyper answers 431 above this.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Header fields per request: an SDK sends fewer than ten; hyper answers 431 above this.
+pub const MAX_HEADER_COUNT: usize = 100;
 /// Bound on draining in-flight requests at shutdown (the contract allows 10 s in all).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// What a refused connection is told to wait; the SDKs retry after about 1 s anyway.
 const RETRY_AFTER_SECS: &str = "1";
-/// Refused connections being answered at once; beyond this a refused connection is closed
-/// without a response, so a connection flood cannot grow the number of tasks.
+/// Refused connections being answered by a task that waits for the client to take the 503;
+/// beyond this a refused connection is answered only with what the kernel takes at once, so
+/// a connection flood cannot grow the number of tasks.
 const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 /// How long a refused connection gets to take its 503 before it is closed anyway.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -129,22 +133,16 @@ impl Drop for SourceSlot {
 /// One accepted connection: holds its slots and keeps the open-connections gauge right
 /// however the connection task ends.
 struct OpenConnection {
-    _slot: Option<OwnedSemaphorePermit>,
     _source: Option<SourceSlot>,
     metrics: Option<Metrics>,
 }
 
 impl OpenConnection {
-    fn new(
-        slot: Option<OwnedSemaphorePermit>,
-        source: Option<SourceSlot>,
-        metrics: Option<Metrics>,
-    ) -> Self {
+    fn new(source: Option<SourceSlot>, metrics: Option<Metrics>) -> Self {
         if let Some(m) = &metrics {
             m.open_connections.inc();
         }
         OpenConnection {
-            _slot: slot,
             _source: source,
             metrics,
         }
@@ -156,6 +154,282 @@ impl Drop for OpenConnection {
         if let Some(m) = &self.metrics {
             m.open_connections.dec();
         }
+    }
+}
+
+/// What the accept loop knows of each open connection, so that under pressure it can close
+/// an idle one for a new client instead of refusing the newcomer.
+struct Tracked {
+    source: IpAddr,
+    /// Requests being answered on it: a connection with one is never chosen.
+    busy: AtomicUsize,
+    /// When its last answer went out (or it was accepted), in ms since the registry began.
+    idle_since: AtomicU64,
+    /// Its place in the listener's connection limit, until it is reclaimed.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Told to close once its request in flight, if any, is answered.
+    close: Notify,
+}
+
+impl Tracked {
+    fn started_request(&self) {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finished_request(&self, now_ms: u64) {
+        self.idle_since.store(now_ms, Ordering::Release);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Every open connection of one listener.
+struct Registry {
+    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+    /// Notified whenever a connection ends (the drain waits for the last).
+    ended: Notify,
+}
+
+impl Registry {
+    fn new() -> Arc<Registry> {
+        Arc::new(Registry {
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+            ended: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn insert(&self, source: IpAddr, slot: Option<OwnedSemaphorePermit>) -> (u64, Arc<Tracked>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tracked = Arc::new(Tracked {
+            source,
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.now_ms()),
+            slot: Mutex::new(slot),
+            close: Notify::new(),
+        });
+        self.lock().insert(id, tracked.clone());
+        (id, tracked)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.ended.notify_waiters();
+    }
+
+    /// A slot for a newcomer, taken from the connection that is fairest to close: one with
+    /// no request in flight, of the source holding the most connections, idle the longest
+    /// (an idle keep-alive connection, or one that has not finished its headers). The
+    /// chosen connection is told to close; its slot passes to the newcomer at once.
+    fn reclaim(&self) -> Option<OwnedSemaphorePermit> {
+        let open = self.lock();
+        let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+        for t in open.values() {
+            *per_source.entry(t.source).or_default() += 1;
+        }
+        let victim = open
+            .values()
+            .filter(|t| t.busy.load(Ordering::Acquire) == 0)
+            .max_by_key(|t| {
+                let held = per_source.get(&t.source).copied().unwrap_or(0);
+                let idle_since = t.idle_since.load(Ordering::Acquire);
+                (held, std::cmp::Reverse(idle_since))
+            })?;
+        let slot = victim
+            .slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        victim.close.notify_one();
+        Some(slot)
+    }
+
+    /// Ask every connection to close once its request in flight is answered.
+    fn close_all(&self) {
+        for t in self.lock().values() {
+            t.close.notify_one();
+        }
+    }
+
+    /// Wait until no connection is open.
+    async fn drained(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// What hyper's parser lets through and the agent refuses, found on the bytes of each
+/// connection before hyper reads them:
+/// - a fragment (`#...`) in a request line: the target is parsed without it, so
+///   `GET /v1/credentials#x` would pass as the exact route; RFC 9112's origin-form has no
+///   fragment. The request is marked with [`FragmentInTarget`] for the handler to refuse.
+/// - an HTTP/2 prior-knowledge preface: answered with an HTTP/2 GOAWAY
+///   (`HTTP_1_1_REQUIRED`), which tells an h2 client why, instead of a bare close.
+struct Wire {
+    inner: TcpStream,
+    /// Nothing read yet: the next bytes may be an HTTP/2 preface.
+    first_read: bool,
+    /// The next byte starts a request line (the connection's start, or after a head ended).
+    in_request_line: bool,
+    /// Bytes of the current line so far (to find the blank line that ends a head).
+    line_len: usize,
+    /// Request lines seen on this connection.
+    requests: u64,
+    marks: Arc<FragmentMarks>,
+}
+
+/// The request lines (by their index on the connection) that carried a fragment.
+#[derive(Default)]
+struct FragmentMarks {
+    any: AtomicBool,
+    indices: Mutex<Vec<u64>>,
+    /// Requests handed to the handler so far: the index of the next one.
+    handled: AtomicU64,
+}
+
+impl FragmentMarks {
+    fn mark(&self, index: u64) {
+        let mut indices = self.indices.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: one connection's hostile requests can add at most this many marks
+        // before hyper's pipelining limit and the handler take them.
+        if indices.len() < 64 {
+            indices.push(index);
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Whether the next request handed to the handler carried a fragment (two atomic
+    /// operations when none ever did).
+    fn take_next(&self) -> bool {
+        let index = self.handled.fetch_add(1, Ordering::Relaxed);
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut indices = self.indices.lock().unwrap_or_else(|p| p.into_inner());
+        match indices.iter().position(|&i| i == index) {
+            Some(at) => {
+                indices.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Set on a request whose request line had a fragment (`#`): see [`Wire`].
+#[derive(Debug, Clone, Copy)]
+pub struct FragmentInTarget;
+
+/// A server's connection preface (an empty SETTINGS frame), then GOAWAY with last stream 0
+/// and `HTTP_1_1_REQUIRED` (0xd): RFC 9113 sections 3.4, 6.8 and 7.
+const H2_GOAWAY: [u8; 26] = [
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, empty
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes
+    0, 0, 0, 0, // last stream id
+    0, 0, 0, 0xd, // HTTP_1_1_REQUIRED
+];
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+impl Wire {
+    fn new(inner: TcpStream, marks: Arc<FragmentMarks>) -> Wire {
+        Wire {
+            inner,
+            first_read: true,
+            in_request_line: true,
+            line_len: 0,
+            requests: 0,
+            marks,
+        }
+    }
+
+    /// Follow request lines through `bytes`, newly read.
+    fn scan(&mut self, bytes: &[u8]) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (line, ended) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            if self.in_request_line && memchr::memchr(b'#', line).is_some() {
+                self.marks.mark(self.requests);
+            }
+            self.line_len += line.len();
+            if !ended {
+                return;
+            }
+            rest = &rest[line.len() + 1..];
+            let blank = self.line_len == 0 || (self.line_len == 1 && line.last() == Some(&b'\r'));
+            self.line_len = 0;
+            if self.in_request_line {
+                // Empty lines before a request line are allowed (RFC 9112 section 2.2).
+                if !blank {
+                    self.in_request_line = false;
+                    self.requests += 1;
+                }
+            } else if blank {
+                self.in_request_line = true;
+            }
+        }
+    }
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            let this = &mut *self;
+            if std::mem::take(&mut this.first_read)
+                && buf.filled()[before..].starts_with(H2_PREFACE)
+            {
+                // The send buffer of a new connection takes 26 bytes at once; then the
+                // end of input lets hyper close the connection without a word of HTTP/1.
+                let _ = this.inner.try_write(&H2_GOAWAY);
+                buf.set_filled(before);
+                return Poll::Ready(Ok(()));
+            }
+            this.scan(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -256,6 +530,7 @@ fn too_many_connections_response() -> Vec<u8> {
 /// close does not reset the connection under the 503.
 fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>, response: Arc<[u8]>) {
     let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        refuse_at_once(stream, &response);
         return;
     };
     tokio::spawn(async move {
@@ -275,6 +550,25 @@ fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>, response: Arc<[u8]>)
         })
         .await;
     });
+}
+
+/// With no refusal task to spare: the 503 without waiting for anything. The answer is a few
+/// hundred bytes, which an empty send buffer always takes; what the client has sent so far is
+/// read first, and the close is a half-close, so the kernel has no unread data to answer
+/// with a reset that would discard the 503 at the client.
+fn refuse_at_once(stream: TcpStream, response: &[u8]) {
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < MAX_HEADER_BYTES {
+        match stream.try_read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    let _ = stream.try_write(response);
+    if let Ok(stream) = stream.into_std() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 /// Serve HTTP/1.1 on `listener` until `shutdown` flips to true, then drain in-flight requests
@@ -298,7 +592,7 @@ pub async fn serve_with_limits<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let registry = Registry::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -311,6 +605,7 @@ pub async fn serve_with_limits<H, F>(
     if defence::on(Defence::HeadSizeLimit) {
         builder.max_buf_size(MAX_HEADER_BYTES);
     }
+    builder.max_headers(MAX_HEADER_COUNT);
     let slots = limits
         .max_connections
         .filter(|_| defence::on(Defence::ConnectionLimit))
@@ -346,7 +641,18 @@ pub async fn serve_with_limits<H, F>(
                 let over_source_cap = per_source.is_some() && source.is_none();
                 let slot = match &slots {
                     _ if over_source_cap => None,
-                    Some(slots) => slots.clone().try_acquire_owned().ok(),
+                    // Under pressure, an idle connection gives its slot to the newcomer: a
+                    // few sources holding idle or unfinished connections cannot lock out
+                    // another.
+                    Some(slots) => slots.clone().try_acquire_owned().ok().or_else(|| {
+                        let reclaimed = defence::on(Defence::ConnectionReclaim)
+                            .then(|| registry.reclaim())
+                            .flatten();
+                        if let (Some(_), Some(m)) = (&reclaimed, &limits.metrics) {
+                            m.connections_reclaimed.inc();
+                        }
+                        reclaimed
+                    }),
                     None => None,
                 };
                 if over_source_cap || (slots.is_some() && slot.is_none()) {
@@ -359,28 +665,56 @@ pub async fn serve_with_limits<H, F>(
                     refuse(stream, &refusals, refusal.clone());
                     continue;
                 }
-                let open = OpenConnection::new(slot, source, limits.metrics.clone());
+                let (id, tracked) = registry.insert(peer.ip(), slot);
+                let open = OpenConnection::new(source, limits.metrics.clone());
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
-                let service = hyper::service::service_fn(move |req| {
+                let in_service = tracked.clone();
+                let clock = registry.clone();
+                let marks = Arc::new(FragmentMarks::default());
+                let marked = marks.clone();
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    in_service.started_request();
+                    if marked.take_next() {
+                        req.extensions_mut().insert(FragmentInTarget);
+                    }
                     let fut = handler(req, peer);
-                    async move { Ok::<_, Infallible>(fut.await) }
+                    let done = in_service.clone();
+                    let clock = clock.clone();
+                    async move {
+                        let response = fut.await;
+                        done.finished_request(clock.now_ms());
+                        Ok::<_, Infallible>(response)
+                    }
                 });
-                let stream = SendTimeout::new(stream, send_timeout);
+                let stream = SendTimeout::new(Wire::new(stream, marks), send_timeout);
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
-                let watched = graceful.watch(conn);
+                let registry = registry.clone();
                 tokio::spawn(async move {
                     let _open = open;
-                    if let Err(e) = watched.await {
+                    let mut conn = std::pin::pin!(conn);
+                    let result = tokio::select! {
+                        result = conn.as_mut() => result,
+                        _ = tracked.close.notified() => {
+                            // Reclaimed, or the listener is draining: answer what is in
+                            // flight, then close.
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
+                    drop(tracked);
+                    registry.remove(id);
                 });
             }
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    registry.close_all();
+    if tokio::time::timeout(DRAIN_TIMEOUT, registry.drained())
         .await
         .is_err()
     {

@@ -189,8 +189,10 @@ impl Upstreams {
             format!("- namespace: team-a\n  serviceAccount: app\n  roleArn: {ROLE_ARN}\n"),
         )
         .expect("write the associations file");
-        let store = AssociationStore::load(&file, Metrics::new()).expect("a valid file");
         let (eks_auth, sts) = runtime.block_on(async {
+            let store = AssociationStore::load(&file, Metrics::new())
+                .await
+                .expect("a valid file");
             (
                 EksAuth::with_http_client(&config, canned.client())
                     .await

@@ -143,6 +143,24 @@ pub async fn assert_answered_from_cache(
     );
 }
 
+/// How often [`wait_until`] looks again: short next to any wait it bounds.
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Wait until `done` holds, looking every [`WAIT_POLL_INTERVAL`]; panics naming `what` if it
+/// does not within `timeout`. For a condition nothing signals (a log line, a file, a fake's
+/// counter): a test waits for what it needs, bounded, instead of sleeping and hoping. (An
+/// [`Agent`] dropped while panicking prints its logs.)
+pub async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(WAIT_POLL_INTERVAL).await;
+    }
+}
+
 pub fn only_issued(upstream: &impl CredentialIssuer) -> IssuedCredentials {
     let issued = upstream.issued_credentials();
     assert_eq!(

@@ -84,24 +84,32 @@ async fn connections_over_the_limit_get_503_and_slots_come_back() {
     const LIMIT: usize = 50;
     let bed = TestBed::with_args(["--max-connections", &LIMIT.to_string()]).await;
     let addr = bed.agent.credentials_addr();
+    // Every slot answering a request (an idle one would be reclaimed for the newcomer): one
+    // upstream call the 50 requests wait on, slow but inside the agent's attempt timeout.
+    bed.upstream.set_latency(Duration::from_millis(1800));
+    let ask = format!(
+        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\n\r\n",
+        bed.agent.credentials_host(),
+        bed.token(&pod())
+    );
     let mut idle = Vec::with_capacity(LIMIT);
     for _ in 0..LIMIT {
-        idle.push(
-            timeout(WAIT, TcpStream::connect(addr))
-                .await
-                .expect("connect in time")
-                .expect("connect"),
-        );
+        let mut stream = timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.write_all(ask.as_bytes()).await.expect("write");
+        idle.push(stream);
     }
     bed.agent
         .wait_for_metric(
-            "pod_identity_agent_open_connections",
-            |v| v == LIMIT as f64,
+            "pod_identity_agent_cache_coalesced_total",
+            |v| v >= (LIMIT - 1) as f64,
             WAIT,
         )
         .await;
 
-    // The 51st: answered at once, without sending anything, then closed.
+    // The 51st, while all 50 wait: answered at once, without sending anything, then closed.
     let mut extra = TcpStream::connect(addr).await.expect("connect");
     let bytes = read_to_close(&mut extra).await;
     let responses = split_responses(&bytes);
@@ -573,6 +581,7 @@ async fn one_source_cannot_take_every_connection_slot() {
         if held_since.elapsed() >= HOLD {
             break;
         }
+        // Pacing, not synchronisation: the other pod's next round, 5 s on.
         tokio::time::sleep(EVERY.min(HOLD - held_since.elapsed())).await;
     }
     // The one source's 16 stay open; the other source's are gone once the agent has seen them
@@ -643,10 +652,13 @@ async fn the_metrics_port_survives_a_connection_flood() {
         while let Some(joined) = tasks.join_next().await {
             held.extend(joined.expect("connect task"));
         }
+        // Not synchronisation: nothing tells when the agent has taken in every held connection
+        // (held and refused ones look alike from here), so the sample comes half a second on.
         tokio::time::sleep(Duration::from_millis(500)).await;
         peak = peak.max(rss_kib(bed.agent.pid()));
         drop(held);
     }
+    // Likewise for the closing; `after` is only reported.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(bed.agent.pid());
     eprintln!("metrics flood: RSS {before} KiB before, {peak} KiB at most, {after} KiB after");

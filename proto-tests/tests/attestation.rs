@@ -385,12 +385,16 @@ async fn a_lagging_watch_still_serves_new_pods() {
         "read directly: the watch had not delivered it"
     );
     wait_until(&bed, "pods_known", 1.0).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The watch delivers in order, so once a pod added after `app-0` is known, `app-0`'s own
+    // lagging event has arrived too.
+    let marker = Pod::new("team-a", "marker", "marker-0");
+    api.add_pod(KubePod::of(&marker, NODE, ip(20)));
+    wait_until(&bed, "pods_known", 2.0).await;
     assert_served(&bed, ip(10), &token).await;
     assert_eq!(api.gets(), 1);
 
     api.delete_pod("team-a", "app-0");
-    wait_until(&bed, "pods_known", 0.0).await;
+    wait_until(&bed, "pods_known", 1.0).await;
     assert_refused(
         &bed.agent.fetch_credentials_from(ip(10), &token).await,
         403,
@@ -435,6 +439,7 @@ async fn an_hour_of_a_hundred_pod_node_costs_one_list_and_a_watch_per_renewal() 
             assert_eq!(response.status, 200, "pod {i}: {response:?}");
             asked += 1;
         }
+        // Pacing, not synchronisation: every pod asks again 200 ms later.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let text = bed.agent.metrics_text().await;

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -21,7 +22,7 @@ use proto_tests::agent::{agent_binary, AgentBuilder};
 use proto_tests::clients::python_interpreter;
 use proto_tests::keys::write_jwks;
 use proto_tests::metrics;
-use proto_tests::{Pod, TestBed, TestKeys};
+use proto_tests::{Association, FakeKubeApi, KubePod, Pod, StsTestBed, TestBed, TestKeys};
 use serde_json::Value;
 
 const OVERLAYS: [&str; 3] = ["eks", "hybrid", "self-managed-sts"];
@@ -489,11 +490,28 @@ fn monitoring_queries() -> Vec<(String, String)> {
 }
 
 /// A real scrape, after one credentials request so the request-path series
-/// exist too.
+/// exist too, of an agent with every feature whose families are exported only
+/// when it is on: local verification, caller attestation (against a fake API
+/// server) and the sts backend's associations.
 async fn scrape_after_one_request() -> String {
-    let bed = TestBed::start().await;
-    let token = bed.token(&Pod::new("team-a", "app", "app-0"));
-    let response = bed.agent.fetch_credentials(&token).await;
+    let api = FakeKubeApi::start().await;
+    let pod = Pod::new("team-a", "app", "app-0");
+    let pod_ip = IpAddr::from([127, 0, 0, 10]);
+    api.add_pod(KubePod::of(&pod, "node-a", pod_ip));
+    let bed = StsTestBed::builder()
+        .association(Association::new(
+            "team-a",
+            "app",
+            "arn:aws:iam::111122223333:role/app",
+        ))
+        .args(["--node-name", "node-a", "--caller-attestation", "pod"])
+        .env("KUBECONFIG", api.kubeconfig())
+        .start()
+        .await;
+    let response = bed
+        .agent
+        .fetch_credentials_from(pod_ip, &bed.token(&pod))
+        .await;
     assert_eq!(response.status, 200, "{response:?}");
     bed.agent.metrics_text().await
 }

@@ -52,6 +52,7 @@ async fn poll(bed: &TestBed, token: &str, duration: Duration) -> Vec<Polled> {
             took: started.elapsed(),
             received: epoch_now(),
         });
+        // Pacing, not synchronisation: the client asks once a second.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     out
@@ -104,6 +105,8 @@ async fn outage(fault: Fault) {
     let first = bed.agent.fetch_credentials(&token).await;
     assert_eq!(first.status, 200);
     let key = first.json_str("AccessKeyId").unwrap();
+    // Pacing, not synchronisation: the client's next request, a second on, as in `poll`; the
+    // outage starts before it.
     tokio::time::sleep(Duration::from_secs(1)).await;
     bed.upstream.set_fault(fault);
     // A polling client, past the refresh point and through the failing refreshes.
@@ -151,6 +154,7 @@ async fn stops_serving_once_refused(fault: Fault) {
     let bed = short_retention_bed().await;
     let token = bed.token(&Pod::new("team-a", "app", "app-0"));
     assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
+    // Pacing, not synchronisation: a client asking once a second, as in `poll`.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
     bed.upstream.set_fault(fault);

@@ -5,13 +5,17 @@
 
 use std::time::Duration;
 
+use proto_tests::assertions::wait_until;
 use proto_tests::http::RawResponse;
 use proto_tests::{metrics, Fault, Pod, TestBed};
 use tokio::time::Instant;
 
 /// The refresh point comes at most 2 s after a fetch (minus up to a tenth as jitter).
 const RETENTION: &str = "2s";
-const PAST_REFRESH_POINT: Duration = Duration::from_millis(2500);
+/// Bounds the waits for the agent's timers (2 s, or 5 s for short credentials) to fire.
+const TIMER_WAIT: Duration = Duration::from_secs(15);
+/// Bounds the wait for a line to reach the test's log reader.
+const LOG_WAIT: Duration = Duration::from_secs(5);
 
 async fn fetched_then_idle(lifetime: Option<Duration>) -> (TestBed, String, String) {
     let bed = TestBed::with_args(["--max-credential-retention-before-renewal", RETENTION]).await;
@@ -22,7 +26,15 @@ async fn fetched_then_idle(lifetime: Option<Duration>) -> (TestBed, String, Stri
     let first = bed.agent.fetch_credentials(&token).await;
     assert_eq!(first.status, 200, "{first:?}");
     let key = first.json_str("AccessKeyId").expect("AccessKeyId");
-    tokio::time::sleep(PAST_REFRESH_POINT).await;
+    // Silent, as an SDK is, until the agent reaches the refresh point and, nobody having asked,
+    // lets the entry go dormant (kept, not refreshed).
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_cache_entries_by_state{state=\"idle\"}",
+            |idle| idle == 1.0,
+            TIMER_WAIT,
+        )
+        .await;
     assert_eq!(
         bed.upstream.calls(),
         1,
@@ -99,9 +111,12 @@ async fn idle_past_the_refresh_point_then_healthy_upstream_serves_new_credential
 
 #[tokio::test]
 async fn credentials_inside_the_expiry_margin_are_never_served() {
-    // 20 s credentials may be handed out until 15 s before expiry: 5 s after the fetch.
+    // 20 s credentials may be handed out until 15 s before expiry: 5 s after the fetch. The
+    // agent drops the dormant entry then.
     let (bed, token, key) = fetched_then_idle(Some(Duration::from_secs(20))).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    bed.agent
+        .wait_for_metric("pod_identity_agent_cache_entries", |n| n == 0.0, TIMER_WAIT)
+        .await;
     bed.upstream.set_fault(Fault::internal());
     let (response, _) = timed_fetch(&bed, &token).await;
     assert_eq!(response.status, 502, "{response:?}");
@@ -213,22 +228,25 @@ async fn verbosity_sets_the_log_level_either_side_of_the_subcommand() {
         for _ in 0..2 {
             assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !bed.agent.logs_text().contains("\"cache hit\"") {
-            assert!(
-                Instant::now() < deadline,
-                "no debug line at -v debug\n{}",
-                bed.agent.logs_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until("a \"cache hit\" line at -v debug", LOG_WAIT, || {
+            bed.agent.logs_text().contains("\"cache hit\"")
+        })
+        .await;
     }
-    // And the default, info, has no per-hit line.
+    // And the default, info, has no per-hit line. A refused request afterwards logs at info;
+    // the log is one stream, so once that line is in, a hit's line would be too.
     let bed = TestBed::start().await;
     let token = bed.token(&Pod::new("team-a", "app", "app-0"));
     for _ in 0..2 {
         assert_eq!(bed.agent.fetch_credentials(&token).await.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = bed.agent.fetch_credentials("not-a-token").await;
+    assert!(matches!(refused.status, 400 | 401), "{refused:?}");
+    wait_until(
+        "the refused request's \"request refused\" line",
+        LOG_WAIT,
+        || bed.agent.logs_text().contains("\"request refused\""),
+    )
+    .await;
     assert!(!bed.agent.logs_text().contains("\"cache hit\""));
 }

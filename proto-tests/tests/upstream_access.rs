@@ -42,6 +42,8 @@ async fn rotate_credentials_rereads_the_shared_credentials_file() {
     assert_eq!(agent.fetch_credentials(&first).await.status, 200);
     // The node's credentials rotate on disk; a later upstream call is signed with the new ones.
     write_credentials(&creds, "AKIDSECOND");
+    // Not synchronisation: the 1 s rotation interval must pass. The file is read again only by
+    // the next upstream call, so until then there is nothing to observe.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = Pod::new("team-a", "app", "app-1").token().sign(&keys.rsa);
     assert_eq!(agent.fetch_credentials(&second).await.status, 200);

@@ -243,8 +243,7 @@ impl CredentialCache {
     }
 
     fn lock_entries(&self) -> MutexGuard<'_, HashMap<CacheKey, Arc<Slot>>> {
-        // A panic elsewhere mid-update leaves a valid map; keep serving.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.entries)
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -742,6 +741,6 @@ impl CredentialCache {
         self.metrics.cache_entries.set(self.entry_count() as i64);
         self.metrics
             .cache_min_credential_lifetime_seconds
-            .set(stats.min_lifetime.map_or(f64::NAN, |d| d.as_secs_f64()));
+            .set(stats.min_lifetime);
     }
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::defence::{self, Defence};
+
 /// Credentials are served as fresh only while more than this is left: botocore starts
 /// refreshing 15 minutes before expiry, so anything shorter would make every boto3 call come
 /// back to the agent.
@@ -49,10 +51,27 @@ pub fn retry_delay(failures: u32) -> Duration {
 }
 
 /// The end of the fresh period of credentials fetched at `fetched_at` with `lifetime` left:
-/// expiry minus [`EXPIRY_MARGIN`], or minus half the lifetime for short credentials.
+/// expiry minus [`EXPIRY_MARGIN`], or minus half the lifetime for short credentials, and
+/// never later than [`MIN_SERVABLE_LIFETIME`] before expiry: a fresh entry is served without
+/// any other check, so short credentials must stop being fresh where they stop being
+/// servable.
 pub fn fresh_until(fetched_at: Instant, lifetime: Duration) -> Instant {
-    let margin = EXPIRY_MARGIN.min(lifetime / 2);
-    fetched_at + lifetime.saturating_sub(margin)
+    let floor = if defence::on(Defence::ServableMargin) {
+        MIN_SERVABLE_LIFETIME
+    } else {
+        Duration::ZERO
+    };
+    let margin = EXPIRY_MARGIN.min(lifetime / 2).max(floor);
+    later(fetched_at, lifetime.saturating_sub(margin))
+}
+
+/// `at + d`, or, where that is past what the clock can represent, `at` plus a century: a
+/// configured or upstream-given duration never makes the clock arithmetic panic.
+pub fn later(at: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    at.checked_add(d)
+        .or_else(|| at.checked_add(CENTURY))
+        .unwrap_or(at)
 }
 
 /// The last instant credentials expiring at `expires_at` may be handed out.
@@ -70,9 +89,11 @@ pub fn refresh_point(
     max_retention: Duration,
     jitter: f64,
 ) -> Instant {
-    let point = (fetched_at + max_retention).min(fresh_until);
+    let point = later(fetched_at, max_retention).min(fresh_until);
     let window = MAX_REFRESH_JITTER.min(point.saturating_duration_since(fetched_at) / 10);
-    point - window.mul_f64(jitter.clamp(0.0, 1.0))
+    point
+        .checked_sub(window.mul_f64(jitter.clamp(0.0, 1.0)))
+        .unwrap_or(point)
 }
 
 #[cfg(test)]
@@ -99,6 +120,26 @@ mod tests {
             fresh_until(t, Duration::from_secs(6 * 3600)),
             t + Duration::from_secs(6 * 3600) - EXPIRY_MARGIN
         );
+    }
+
+    #[test]
+    fn short_credentials_stop_being_fresh_where_they_stop_being_servable() {
+        let t = Instant::now();
+        for secs in [15, 20, 22, 25, 29, 30, 40] {
+            let lifetime = Duration::from_secs(secs);
+            let fresh = fresh_until(t, lifetime);
+            assert!(fresh <= servable_until(t + lifetime), "{secs}s");
+        }
+    }
+
+    #[test]
+    fn durations_past_the_clock_do_not_panic() {
+        let t = Instant::now();
+        let huge = Duration::from_secs(u64::MAX);
+        assert!(fresh_until(t, huge) > t);
+        let fresh = t + Duration::from_secs(3600);
+        assert!(refresh_point(t, fresh, huge, 0.5) <= fresh);
+        assert!(later(t, huge) > t + Duration::from_secs(365 * 24 * 3600));
     }
 
     #[test]

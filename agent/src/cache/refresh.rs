@@ -5,7 +5,7 @@
 //! bumps it, which turns older timers into no-ops.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::slot::Slot;
 use super::{CacheKey, CredentialCache};
+use crate::sync;
 
 struct Timer {
     at: Instant,
@@ -51,9 +52,42 @@ pub(super) struct Due {
     pub generation: u64,
 }
 
+/// The heap is compacted whenever it has grown to twice its size after the last compaction,
+/// and not below this: compaction is linear in the heap, so doubling keeps it amortised O(1)
+/// per timer.
+const MIN_COMPACTION_SIZE: usize = 1024;
+
+#[derive(Default)]
+struct Heap {
+    timers: BinaryHeap<Reverse<Timer>>,
+    seq: u64,
+    /// Compact when the heap reaches this many timers.
+    compact_at: usize,
+}
+
+impl Heap {
+    /// Drop the timers that can no longer do anything: those of slots that are gone (evicted,
+    /// or their pod gone) and those of a slot's older generations. What is left is at most
+    /// one generation per live slot, so the heap is bounded by the cache's size, not by the
+    /// number of keys ever seen: a node whose pods churn does not grow it.
+    fn compact(&mut self) {
+        let mut newest: HashMap<*const Slot, u64> = HashMap::new();
+        for Reverse(t) in self.timers.iter() {
+            if t.slot.strong_count() > 0 {
+                let generation = newest.entry(t.slot.as_ptr()).or_insert(t.generation);
+                *generation = (*generation).max(t.generation);
+            }
+        }
+        self.timers.retain(|Reverse(t)| {
+            t.slot.strong_count() > 0 && newest.get(&t.slot.as_ptr()) == Some(&t.generation)
+        });
+        self.compact_at = (2 * self.timers.len()).max(MIN_COMPACTION_SIZE);
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Timers {
-    heap: Mutex<(BinaryHeap<Reverse<Timer>>, u64)>,
+    heap: Mutex<Heap>,
     wake: Notify,
     started: AtomicBool,
 }
@@ -70,13 +104,16 @@ impl Timers {
         generation: u64,
     ) {
         let earliest = {
-            let mut guard = self.heap.lock().unwrap_or_else(|p| p.into_inner());
-            let (heap, seq) = &mut *guard;
-            *seq += 1;
-            let earlier = heap.peek().is_none_or(|Reverse(t)| at < t.at);
-            heap.push(Reverse(Timer {
+            let mut heap = sync::lock(&self.heap);
+            if heap.timers.len() >= heap.compact_at.max(MIN_COMPACTION_SIZE) {
+                heap.compact();
+            }
+            heap.seq += 1;
+            let earlier = heap.timers.peek().is_none_or(|Reverse(t)| at < t.at);
+            let seq = heap.seq;
+            heap.timers.push(Reverse(Timer {
                 at,
-                seq: *seq,
+                seq,
                 key,
                 slot: Arc::downgrade(slot),
                 generation,
@@ -92,8 +129,8 @@ impl Timers {
 
     /// Timers due at `now`, and the instant of the next one.
     fn take_due(&self, now: Instant) -> (Vec<Due>, Option<Instant>) {
-        let mut guard = self.heap.lock().unwrap_or_else(|p| p.into_inner());
-        let heap = &mut guard.0;
+        let mut guard = sync::lock(&self.heap);
+        let heap = &mut guard.timers;
         let mut due = Vec::new();
         while let Some(Reverse(t)) = heap.peek() {
             if t.at > now {
@@ -113,7 +150,7 @@ impl Timers {
     /// Timers waiting, stale ones included (for tests).
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.heap.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+        sync::lock(&self.heap).timers.len()
     }
 
     /// Wake the scheduler so it notices that its cache is gone.

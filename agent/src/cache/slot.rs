@@ -29,7 +29,7 @@ impl Cached {
         Cached {
             creds,
             fetched_at: now,
-            expires_at: now + lifetime,
+            expires_at: super::policy::later(now, lifetime),
             fresh_until,
             refresh_at: refresh_point(now, fresh_until, max_retention, random_fraction()),
         }
@@ -150,9 +150,7 @@ impl Slot {
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, SlotState> {
-        // A poisoned lock only means a panic elsewhere mid-update; the state is still a
-        // valid (if possibly stale) value, so keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -211,6 +211,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         (state.latency, state.fault.clone(), state.lifetime)
     };
 
+    // The latency a test injected (`set_latency`): the behaviour under test, not a wait.
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

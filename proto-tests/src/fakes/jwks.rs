@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,6 +24,8 @@ struct Shared {
     jwks_uri: Mutex<Option<String>>,
     jwks_fetches: AtomicU64,
     discovery_fetches: AtomicU64,
+    /// How long a JWKS request waits before it is answered (`set_jwks_delay`).
+    jwks_delay: Mutex<Duration>,
 }
 
 /// Handle on a running fake issuer; clones share the server.
@@ -41,6 +44,7 @@ impl FakeJwks {
             jwks_uri: Mutex::new(None),
             jwks_fetches: AtomicU64::new(0),
             discovery_fetches: AtomicU64::new(0),
+            jwks_delay: Mutex::new(Duration::ZERO),
         });
         let handler_state = shared.clone();
         // The discovery document names the server's own address, known only
@@ -50,7 +54,13 @@ impl FakeJwks {
         let (addr, guard) = serve_loopback(move |req| {
             let state = handler_state.clone();
             let addr = *handler_addr.lock().unwrap_or_else(|e| e.into_inner());
-            async move { handle(&state, addr, req) }
+            async move {
+                let delay = *state.jwks_delay.lock().unwrap_or_else(|e| e.into_inner());
+                if req.uri().path() == JWKS_PATH && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                handle(&state, addr, req)
+            }
         })
         .await
         .expect("bind fake issuer on 127.0.0.1");
@@ -83,6 +93,15 @@ impl FakeJwks {
             .jwks_uri
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(uri.into());
+    }
+
+    /// JWKS requests from now on are answered only after `delay`: an issuer that hangs.
+    pub fn set_jwks_delay(&self, delay: Duration) {
+        *self
+            .shared
+            .jwks_delay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = delay;
     }
 
     pub fn jwks_fetches(&self) -> u64 {

@@ -450,6 +450,11 @@ impl FakeKubeApi {
         self.shared.store().watch_delay = delay;
     }
 
+    /// Single-pod GETs answer only `delay` after they arrive: an API server under load.
+    pub fn set_get_delay(&self, delay: Duration) {
+        self.shared.store().get_delay = delay;
+    }
+
     /// Compaction: history up to now is gone. A watch from an older resourceVersion gets a
     /// `410 Expired` error event, and so does a list continued with an older token (a `410`
     /// answer), which forces a client to list again. Open watches are not affected.
@@ -828,6 +833,10 @@ async fn get(
             }))
         }
         Route::Pod { namespace, name } => {
+            let delay = shared.store().get_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let representation = negotiate(accept)?;
             if let Some(rv) = query.get("resourceVersion").filter(|rv| !rv.is_empty()) {
                 let rv = parse_resource_version(rv)?;

@@ -420,6 +420,7 @@ async fn handle(
         Err(r) => return error_response(r.status, r.code, &r.message),
     };
 
+    // The latency a test injected (`set_latency`): the behaviour under test, not a wait.
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

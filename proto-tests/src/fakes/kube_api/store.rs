@@ -47,6 +47,8 @@ pub(super) struct Store {
     /// Watches and list continuations from before this resourceVersion get `410 Gone`.
     pub(super) compacted: u64,
     pub(super) watch_delay: Duration,
+    /// How long a single-pod GET takes to answer (`set_get_delay`).
+    pub(super) get_delay: Duration,
     /// Namespaces: a cluster's own, and every namespace a pod was added to (they outlive
     /// their pods, as namespaces do).
     pub(super) namespaces: BTreeMap<String, Namespace>,
@@ -74,6 +76,7 @@ impl Store {
             changes: Vec::new(),
             compacted: 0,
             watch_delay: Duration::ZERO,
+            get_delay: Duration::ZERO,
             namespaces: SYSTEM_NAMESPACES
                 .iter()
                 .map(|ns| (ns.to_string(), namespace()))
