@@ -68,6 +68,8 @@ TABLE = {
     "connection-reclaim": ("hardening", "a_few_sources_cannot_lock_out_another"),
     "fragment-target": ("hardening", "a_fragment_in_the_target_is_refused"),
     "servable-margin": ("hardening", "short_credentials_are_never_served_inside_the_15s_margin"),
+    "closed-error-codes": ("hardening_upstream", "the_upstreams_error_type_reaches_the_pod_only_from_a_closed_set"),
+    "strict-claims": ("hardening_upstream", "lenient_claims_are_refused_even_when_signed_by_the_real_key"),
 }
 
 

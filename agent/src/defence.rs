@@ -62,6 +62,8 @@ defences! {
     ConnectionReclaim => "connection-reclaim",
     FragmentTarget => "fragment-target",
     ServableMargin => "servable-margin",
+    ClosedErrorCodes => "closed-error-codes",
+    StrictClaims => "strict-claims",
 }
 
 impl Defence {

@@ -13,11 +13,17 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
+use crate::defence::{self, Defence};
 use crate::keys::{KeyStore, KeysError, ACCEPTED_ALGORITHMS};
 
-/// Clock skew tolerated on `exp` and `nbf`: node clocks are NTP-synced, but the API server's
-/// and the node's may still differ by a few seconds.
+/// Clock skew tolerated on `exp`, `nbf` and `iat`: node clocks are NTP-synced, but the API
+/// server's and the node's may still differ by a few seconds.
 pub const LEEWAY: Duration = Duration::from_secs(30);
+/// Longest lifetime (`exp - iat`) of a token accepted. Projected service-account tokens live
+/// hours to a day (EKS Pod Identity's are 24 h, and the kubelet refreshes them at 80 %); twice
+/// that leaves room for a cluster's own setting, while a token minted for months, which no
+/// kubelet asks for, is refused.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 3600);
 /// Larger tokens are not Kubernetes tokens (which are about 1 KiB); the HTTP layer bounds the
 /// header anyway, this bounds the work done on a value that reached us.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -160,6 +166,10 @@ struct Claims {
     aud: Option<Audience>,
     exp: Option<u64>,
     nbf: Option<u64>,
+    /// Read as any JSON value so that a token whose `iss` is not a string is refused as not
+    /// acceptable rather than parsed leniently (RFC 7519 makes it one string).
+    iss: Option<serde_json::Value>,
+    iat: Option<serde_json::Value>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaims>,
 }
@@ -425,7 +435,43 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> TokenError {
 
 /// The pod behind a verified token. `sub` must agree with the `kubernetes.io` claims, or a
 /// token minted for one service account could be presented as another's.
+/// What RFC 7519 and the agent's own bounds say of `iss`, `iat` and the lifetime, beyond the
+/// checks of the JWT library.
+fn strict_claims(claims: &Claims, now: u64) -> Result<(), TokenError> {
+    if !defence::on(Defence::StrictClaims) {
+        return Ok(());
+    }
+    if claims.iss.as_ref().is_some_and(|iss| !iss.is_string()) {
+        return Err(TokenError::Claims("iss is not a string".into()));
+    }
+    let iat = match &claims.iat {
+        None => None,
+        Some(v) => Some(
+            v.as_f64()
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .ok_or_else(|| TokenError::Claims("iat is not a time".into()))?,
+        ),
+    };
+    let leeway = LEEWAY.as_secs_f64();
+    if iat.is_some_and(|iat| iat > now as f64 + leeway) {
+        return Err(TokenError::NotYetValid);
+    }
+    // Without iat, the lifetime left is what is bounded.
+    let start = iat.unwrap_or(now as f64);
+    if claims
+        .exp
+        .is_some_and(|exp| exp as f64 - start > MAX_TOKEN_LIFETIME.as_secs_f64() + leeway)
+    {
+        return Err(TokenError::Claims(format!(
+            "the token lives longer than {}",
+            humantime::format_duration(MAX_TOKEN_LIFETIME)
+        )));
+    }
+    Ok(())
+}
+
 fn kubernetes_identity(claims: &Claims) -> Result<VerifiedClaims, TokenError> {
+    strict_claims(claims, now_secs())?;
     let k8s = claims
         .kubernetes
         .as_ref()

@@ -15,6 +15,12 @@ const SERVICE: &str = "EKS Auth";
 
 const POLICY: CodePolicy = CodePolicy {
     service: SERVICE,
+    other_codes: &[
+        "InternalServerException",
+        "InvalidParameterException",
+        "InvalidRequestException",
+        "ServiceUnavailableException",
+    ],
     throttling: &["ThrottlingException"],
     transient: &[],
     association_refusals: &["AccessDeniedException", "ResourceNotFoundException"],

@@ -226,6 +226,10 @@ fn bounded(s: &str) -> String {
 /// Which error codes of a service mean what.
 struct CodePolicy {
     service: &'static str,
+    /// The service's other modeled error codes. A code in none of these lists reaches the pod
+    /// as a generic code for its status: what an upstream (or whatever answers in its place)
+    /// puts in its error type is not passed on verbatim.
+    other_codes: &'static [&'static str],
     throttling: &'static [&'static str],
     /// Modeled errors worth one retry (besides 5xx and transport failures).
     transient: &'static [&'static str],
@@ -245,11 +249,17 @@ where
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
             let e = se.err();
-            let code = e
-                .code()
-                .map(bounded)
-                .unwrap_or_else(|| "UnknownError".into());
-            let message = e.message().map(bounded).unwrap_or_default();
+            let raw_code = e.code().unwrap_or_default();
+            let code = if policy.knows(raw_code) || !defence::on(Defence::ClosedErrorCodes) {
+                raw_code.to_owned()
+            } else {
+                generic_code(status).to_owned()
+            };
+            let message = format!(
+                "error type {}: {}",
+                escaped(raw_code),
+                e.message().map(bounded).unwrap_or_default()
+            );
             let kind = if policy.throttling.contains(&code.as_str()) || status == 429 {
                 FailureKind::Throttled
             } else if policy.association_refusals.contains(&code.as_str()) {
@@ -278,13 +288,19 @@ where
             "UpstreamTimeout",
             format!("{service} did not answer in time"),
         ),
-        SdkError::DispatchFailure(d) if d.is_user() || d.is_other() => {
-            UpstreamError::from_upstream(
-                FailureKind::Internal,
-                "UpstreamRequestFailed",
-                bounded(&DisplayErrorContext(&err).to_string()),
-            )
-        }
+        SdkError::DispatchFailure(d) if d.is_user() => UpstreamError::from_upstream(
+            FailureKind::Internal,
+            "UpstreamRequestFailed",
+            bounded(&DisplayErrorContext(&err).to_string()),
+        ),
+        // The connection failed in a way the client cannot name (closed without an answer,
+        // a status line that is not HTTP): the upstream's side, a gateway error worth the
+        // one retry.
+        SdkError::DispatchFailure(_) if !is_unreachable(&err) => UpstreamError::from_upstream(
+            FailureKind::Server { status: 502 },
+            "UpstreamRequestFailed",
+            bounded(&DisplayErrorContext(&err).to_string()),
+        ),
         SdkError::DispatchFailure(_) => UpstreamError::from_upstream(
             FailureKind::Unreachable,
             "UpstreamUnreachable",
@@ -299,11 +315,51 @@ where
             format!("{service} sent a response that could not be read"),
         ),
         _ => UpstreamError::from_upstream(
-            FailureKind::Internal,
+            FailureKind::Server { status: 502 },
             "UpstreamRequestFailed",
             bounded(&DisplayErrorContext(&err).to_string()),
         ),
     }
+}
+
+/// A dispatch failure that never reached the upstream (refused, unresolvable, TLS): 503.
+fn is_unreachable<E>(err: &SdkError<E, HttpResponse>) -> bool {
+    matches!(err, SdkError::DispatchFailure(d) if d.is_io())
+}
+
+impl CodePolicy {
+    /// Whether `code` is one the service's model defines.
+    fn knows(&self, code: &str) -> bool {
+        [
+            self.throttling,
+            self.transient,
+            self.association_refusals,
+            self.token_refusals,
+            self.other_codes,
+        ]
+        .iter()
+        .any(|codes| codes.contains(&code))
+    }
+}
+
+/// The code a pod is told for an error type the service does not define.
+fn generic_code(status: u16) -> &'static str {
+    match status {
+        429 => "TooManyRequests",
+        400..=499 => "UpstreamRejected",
+        500..=599 => "UpstreamServerError",
+        _ => "InvalidUpstreamResponse",
+    }
+}
+
+/// `s` for the log: at most [`MAX_MESSAGE_LEN`] characters, each control or formatting
+/// character (a right-to-left override, say) escaped, so a hostile value can neither flood
+/// nor disguise the log line.
+fn escaped(s: &str) -> String {
+    s.chars()
+        .take(MAX_MESSAGE_LEN)
+        .flat_map(char::escape_debug)
+        .collect()
 }
 
 /// The credential fields both services answer with, under the same names in both SDKs.

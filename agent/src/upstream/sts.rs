@@ -21,6 +21,14 @@ const SERVICE: &str = "STS";
 /// which a retry often fixes (the Rust SDK treats it as transient too).
 const POLICY: CodePolicy = CodePolicy {
     service: SERVICE,
+    other_codes: &[
+        "MalformedPolicyDocument",
+        "PackedPolicyTooLarge",
+        "RegionDisabledException",
+        "InvalidParameterValue",
+        "ServiceUnavailable",
+        "InternalFailure",
+    ],
     throttling: &["Throttling", "ThrottlingException"],
     transient: &["IDPCommunicationError"],
     association_refusals: &["AccessDenied"],
