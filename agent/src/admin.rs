@@ -44,7 +44,7 @@ impl Readiness {
 }
 
 pub struct AdminState {
-    pub readiness: Readiness,
+    pub readiness: Arc<Readiness>,
     pub metrics: Metrics,
     pub cache: Arc<CredentialCache>,
 }

@@ -352,6 +352,11 @@ pub struct ServerArgs {
     /// run an hour of renewals in seconds).
     #[arg(long, default_value_t = DEFAULT_POD_WATCH_TIMEOUT.into(), hide = true)]
     pub pod_watch_timeout: humantime::Duration,
+    /// Taint key to remove from this node once the agent is ready (the manifests set
+    /// `pod-identity-agent/not-ready`): workload pods wait for the agent instead of failing.
+    /// Needs --node-name and a Kubernetes API server.
+    #[arg(long)]
+    pub startup_taint: Option<String>,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long)]
@@ -463,6 +468,8 @@ pub struct Config {
     pub node_name: Option<String>,
     /// How long each watch of the node's pods runs before it is renewed.
     pub pod_watch_timeout: Duration,
+    /// `--startup-taint`: the taint key removed from this node once the agent is ready.
+    pub startup_taint: Option<String>,
     /// Where the agent listens, and what its credentials listeners allow.
     pub listen: ListenConfig,
     /// What a cache entry is kept for: each pod, or each association.
@@ -572,6 +579,7 @@ impl ServerArgs {
         let (key_source, issuer) = self.keys(env)?;
         let audiences = self.audiences()?;
         let (node_name, pod_watch_timeout) = self.node()?;
+        let startup_taint = self.startup_taint(env, node_name.is_some())?;
         let max_service_qps = self.upstream_budget()?;
         let (max_cache_size, max_retention) = self.cache_bounds()?;
         Ok(Config {
@@ -584,6 +592,7 @@ impl ServerArgs {
             caller_attestation: self.caller_attestation,
             node_name,
             pod_watch_timeout,
+            startup_taint,
             listen,
             cache_scope: self.cache_scope,
             max_cache_size,
@@ -876,6 +885,37 @@ impl ServerArgs {
         Ok((node_name, pod_watch_timeout))
     }
 
+    /// `--startup-taint`: a taint key, on a node the agent knows, through an API server it can
+    /// reach.
+    fn startup_taint(
+        &self,
+        env: &Environment,
+        has_node: bool,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(key) = self.startup_taint.as_deref().map(str::trim) else {
+            return Ok(None);
+        };
+        if !is_taint_key(key) {
+            return Err(bad(
+                "startup-taint",
+                format!("'{key}' is not a taint key ([prefix/]name, as a label key)"),
+            ));
+        }
+        if !has_node {
+            return Err(bad(
+                "startup-taint",
+                "needs --node-name (env NODE_NAME): the agent removes the taint from its own node",
+            ));
+        }
+        if !env.kubernetes_api {
+            return Err(bad(
+                "startup-taint",
+                "needs a Kubernetes API server (KUBECONFIG, or the pod's service account)",
+            ));
+        }
+        Ok(Some(key.to_owned()))
+    }
+
     /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
     /// default) and the calls in flight at once.
     fn upstream_budget(&self) -> Result<f64, ConfigError> {
@@ -1023,6 +1063,33 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A taint key is a qualified name, as a label key: an optional DNS-subdomain prefix and `/`,
+/// then a name of 1-63 characters, alphanumerics with `-`, `_` or `.` inside.
+fn is_taint_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        (1..=253).contains(&p.len())
+            && p.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && label.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    name_ok && prefix_ok
+}
+
 /// EKS cluster names: 1-100 characters, `[0-9A-Za-z][A-Za-z0-9\-_]*` (the EKS Auth model).
 fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
     let mut chars = name.chars();
@@ -1078,6 +1145,7 @@ impl Default for Config {
             require_node_claim: false,
             caller_attestation: CallerAttestation::Off,
             pod_watch_timeout: DEFAULT_POD_WATCH_TIMEOUT,
+            startup_taint: None,
             cache_scope: CacheScope::Pod,
             max_cache_size: DEFAULT_MAX_CACHE_SIZE,
             max_retention: DEFAULT_MAX_RETENTION,
@@ -1370,6 +1438,43 @@ mod tests {
         assert!(cfg.max_retention.is_zero());
         let cfg = parse(&["-c", "x", "--max-cache-size", "0"]).unwrap();
         assert_eq!(cfg.max_cache_size, 0);
+    }
+
+    #[test]
+    fn startup_taint_needs_a_taint_key_a_node_and_an_api_server() {
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["pod-identity-agent", "server", "-c", "x"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_with_env(argv).unwrap().command {
+                Command::Server(s) => s,
+                _ => unreachable!(),
+            }
+        };
+        let api = Environment {
+            kubernetes_api: true,
+        };
+        let key = ["--startup-taint", "pod-identity-agent/not-ready"];
+        let node = ["--node-name", "node-a"];
+        let cfg = cli(&[&key[..], &node[..]].concat())
+            .into_config(&api)
+            .unwrap();
+        assert_eq!(
+            cfg.startup_taint.as_deref(),
+            Some("pod-identity-agent/not-ready")
+        );
+        for (args, env) in [
+            (key.to_vec(), api),
+            ([&key[..], &node[..]].concat(), Environment::default()),
+            (vec!["--startup-taint", "a/b/c", "--node-name", "n"], api),
+            (vec!["--startup-taint=-x", "--node-name", "n"], api),
+            (
+                vec!["--startup-taint", "Example.com/x", "--node-name", "n"],
+                api,
+            ),
+        ] {
+            let err = cli(&args).into_config(&env).unwrap_err().to_string();
+            assert!(err.starts_with("--startup-taint: "), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod netlink;
 pub mod pods;
 pub mod server;
 pub mod shutdown;
+pub mod startup_taint;
 pub(crate) mod sync;
 pub mod token;
 pub mod upstream;
@@ -95,6 +96,7 @@ impl Agent {
     /// Start every part in dependency order. Configuration the upstream needs (region,
     /// associations) is checked before anything is bound.
     pub async fn start(config: Config) -> Result<Agent, StartError> {
+        let started = tokio::time::Instant::now();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut run = Startup {
             metrics: Metrics::with_features(features(&config)),
@@ -103,13 +105,16 @@ impl Agent {
         };
         let backend = run.backend(&config).await?;
         let kube = run.kube_client(&config).await?;
-        let keys = run.key_store(&config, kube.as_ref().map(|(c, _)| c.clone()))?;
+        let client = kube.as_ref().map(|(c, _)| c.clone());
+        let keys = run.key_store(&config, client.clone())?;
         let cache = run.cache(&config, backend);
         let pods = run.node_pods(&config, kube, &cache);
         let credential_addrs = run
             .serve_credentials(&config, &keys, &cache, pods.clone())
             .await?;
-        let (probe_addr, metrics_addr) = run.serve_admin(&config, keys, cache, pods).await?;
+        let (probe_addr, metrics_addr, readiness) =
+            run.serve_admin(&config, keys, cache, pods).await?;
+        run.remove_startup_taint(&config, client, readiness, started);
         Ok(Agent {
             credential_addrs,
             probe_addr,
@@ -152,8 +157,11 @@ fn features(config: &Config) -> Features {
     Features {
         local_verification: config.key_source.is_some(),
         pod_watch: attesting,
-        kubernetes_api: attesting || config.key_source == Some(KeySource::KubernetesApi),
+        kubernetes_api: attesting
+            || config.key_source == Some(KeySource::KubernetesApi)
+            || config.startup_taint.is_some(),
         associations: config.upstream.backend == BackendKind::Sts,
+        startup_taint: config.startup_taint.is_some(),
     }
 }
 
@@ -185,7 +193,10 @@ impl Startup {
         config: &Config,
     ) -> Result<Option<(kube::Client, Arc<LastContact>)>, StartError> {
         let attesting = config.caller_attestation == CallerAttestation::Pod;
-        if !attesting && config.key_source != Some(KeySource::KubernetesApi) {
+        if !attesting
+            && config.key_source != Some(KeySource::KubernetesApi)
+            && config.startup_taint.is_none()
+        {
             return Ok(None);
         }
         let contact = Arc::new(LastContact::default());
@@ -378,13 +389,13 @@ impl Startup {
         keys: Option<Arc<KeyStore>>,
         cache: Arc<CredentialCache>,
         pods: Option<Arc<NodePods>>,
-    ) -> Result<(SocketAddr, SocketAddr), StartError> {
+    ) -> Result<(SocketAddr, SocketAddr, Arc<Readiness>), StartError> {
         let admin = Arc::new(AdminState {
-            readiness: Readiness {
+            readiness: Arc::new(Readiness {
                 listeners_bound: AtomicBool::new(false),
                 keys,
                 pods,
-            },
+            }),
             metrics: self.metrics.clone(),
             cache,
         });
@@ -429,7 +440,33 @@ impl Startup {
             .readiness
             .listeners_bound
             .store(true, Ordering::Release);
-        Ok((probe_addr, metrics_addr))
+        Ok((probe_addr, metrics_addr, admin.readiness.clone()))
+    }
+
+    /// `--startup-taint`: once `readiness` holds, the taint leaves this node (a task of its
+    /// own, retrying until done; serving does not wait for it).
+    fn remove_startup_taint(
+        &self,
+        config: &Config,
+        client: Option<kube::Client>,
+        readiness: Arc<Readiness>,
+        started: tokio::time::Instant,
+    ) {
+        let (Some(key), Some(node), Some(client)) = (
+            config.startup_taint.clone(),
+            config.node_name.clone(),
+            client,
+        ) else {
+            return;
+        };
+        let removal = startup_taint::StartupTaint {
+            key,
+            node,
+            client,
+            metrics: self.metrics.clone(),
+            started,
+        };
+        tokio::spawn(removal.run(readiness, self.shutdown_rx.clone()));
     }
 }
 

@@ -84,6 +84,8 @@ pub struct Features {
     pub kubernetes_api: bool,
     /// The sts backend's associations file.
     pub associations: bool,
+    /// `--startup-taint`: its removal from the node.
+    pub startup_taint: bool,
 }
 
 impl Features {
@@ -93,6 +95,7 @@ impl Features {
         pod_watch: true,
         kubernetes_api: true,
         associations: true,
+        startup_taint: true,
     };
 }
 
@@ -238,6 +241,12 @@ families! {
     /// Requests to the Kubernetes API server by kind (list, watch, get, keys, other)
     #[only(kubernetes_api)]
     kubernetes_requests: CounterVec,
+    /// Seconds from the agent's start to the removal of --startup-taint from its node (no sample until then)
+    #[only(startup_taint)]
+    startup_taint_removal_seconds: Seconds,
+    /// Attempts to remove --startup-taint by result: removed, absent, conflict, error
+    #[only(startup_taint)]
+    startup_taint_attempts: CounterVec,
 }
 
 /// Counters of one label: the method that counts, the label's name, and the family.
@@ -259,6 +268,7 @@ counted_by_label! {
     refresh("outcome") => refreshes;
     rate_limited("scope") => rate_limited;
     association_reload("outcome") => association_reloads;
+    startup_taint_attempt("result") => startup_taint_attempts;
 }
 
 impl Default for Metrics {
@@ -373,6 +383,7 @@ mod tests {
             pod_watch: false,
             kubernetes_api: false,
             associations: false,
+            startup_taint: false,
         });
         // Counting into a family that is not registered is harmless and invisible.
         off.pod_watch_synced.set(0);
@@ -388,6 +399,8 @@ mod tests {
             "pod_watch_synced",
             "pod_watch_staleness_seconds",
             "pod_watch_errors",
+            "startup_taint_attempts",
+            "startup_taint_removal_seconds",
             "pod_lookups",
             "kubernetes_requests",
             "associations",

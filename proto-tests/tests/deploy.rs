@@ -138,6 +138,9 @@ struct ServerContainer {
     name: String,
     args: Vec<String>,
     env: BTreeMap<String, String>,
+    /// The pod mounts its service-account token (`automountServiceAccountToken` not false):
+    /// in the cluster, the agent finds the API server.
+    api_server: bool,
 }
 
 fn server_containers(docs: &[Value]) -> Vec<ServerContainer> {
@@ -170,7 +173,10 @@ fn server_containers(docs: &[Value]) -> Vec<ServerContainer> {
                     (name, value)
                 })
                 .collect();
+            let api_server = doc.pointer("/spec/template/spec/automountServiceAccountToken")
+                != Some(&Value::Bool(false));
             found.push(ServerContainer {
+                api_server,
                 name: format!(
                     "{}/{} container {}",
                     doc["kind"].as_str().unwrap_or("?"),
@@ -226,9 +232,21 @@ fn kubelet_expansion_of_args() {
 /// Every `server` container of daemonset.yaml and of each rendered overlay
 /// starts the real binary with its args (expanded as the kubelet would) and
 /// its environment, plus `--dry-run`: the agent checks every flag and value
-/// and exits 0 without binding or reading anything.
+/// and exits 0 without binding or reading anything. A pod that mounts its
+/// service-account token finds the API server in the cluster; here a
+/// kubeconfig stands in for the mount.
 #[test]
 fn every_manifest_server_command_passes_the_agents_dry_run() {
+    let kube_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube_dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    \
+         server: https://127.0.0.1:1\nusers:\n- name: u\n  user:\n    token: t\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+         current-context: c\n",
+    )
+    .unwrap();
     let mut sources = vec![("daemonset.yaml".to_owned(), read("daemonset.yaml"))];
     for overlay in OVERLAYS {
         let dir = format!("deploy/overlays/{overlay}");
@@ -249,10 +267,12 @@ fn every_manifest_server_command_passes_the_agents_dry_run() {
                 .map(|a| expand(a, &container.env))
                 .collect();
             args.push("--dry-run".to_owned());
-            let out = Command::new(agent_binary())
-                .args(&args)
-                .env_clear()
-                .envs(&container.env)
+            let mut command = Command::new(agent_binary());
+            command.args(&args).env_clear().envs(&container.env);
+            if container.api_server {
+                command.env("KUBECONFIG", &kubeconfig);
+            }
+            let out = command
                 .stdin(Stdio::null())
                 .output()
                 .expect("run the agent binary");
@@ -505,6 +525,7 @@ async fn scrape_after_one_request() -> String {
             "arn:aws:iam::111122223333:role/app",
         ))
         .args(["--node-name", "node-a", "--caller-attestation", "pod"])
+        .args(["--startup-taint", "pod-identity-agent/not-ready"])
         .env("KUBECONFIG", api.kubeconfig())
         .start()
         .await;

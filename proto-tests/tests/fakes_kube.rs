@@ -1,6 +1,7 @@
 //! The fake Kubernetes API server checked without the agent: the real `kubectl` must read
-//! pods from it as from a cluster, and its wire behaviour (watch replay, compaction, paging,
-//! timeouts, outages, lagging watches) must be what kube-apiserver does. If these fail, agent
+//! pods from it as from a cluster, and read and taint its nodes, and its wire behaviour (watch
+//! replay, compaction, paging, timeouts, outages, lagging watches, node patches and their
+//! conflicts) must be what kube-apiserver does. If these fail, agent
 //! tests that use the fake say nothing about the agent.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use proto_tests::fakes::kube_api::RequestKind;
+use proto_tests::fakes::kube_api::{KubeNode, KubeTaint, RequestKind};
 use proto_tests::{FakeKubeApi, KubePod, Pod};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -475,7 +476,7 @@ async fn requests_need_the_bearer_token_and_errors_are_status_objects() {
         serde_json::json!({"name": "nope", "kind": "pods"})
     );
     assert_eq!(status["message"], "pods \"nope\" not found");
-    let (code, status) = api.get("/api/v1/nodes").await;
+    let (code, status) = api.get("/api/v1/services").await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     let (code, status) = api
         .get("/api/v1/pods?fieldSelector=spec.color%3Dblue")
@@ -823,4 +824,480 @@ async fn the_service_account_issuer_endpoints_serve_the_keys_set() {
     );
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), jwks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+const STARTUP_TAINT: &str = "pod-identity-agent/not-ready";
+
+/// A node registered with the startup taint between two others, as Karpenter or
+/// `--register-with-taints` leave it.
+fn tainted_node(name: &str) -> KubeNode {
+    KubeNode::new(name)
+        .taint(KubeTaint::new("dedicated", "NoSchedule").value("gpu"))
+        .taint(KubeTaint::no_schedule(STARTUP_TAINT))
+        .taint(KubeTaint::new("example.com/drain", "NoExecute").time_added("2025-01-02T03:04:05Z"))
+}
+
+impl Api {
+    /// A request with a body (`PATCH`, `PUT`): status and JSON answer.
+    async fn write(
+        &self,
+        method: &str,
+        target: &str,
+        content_type: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        let tcp = TcpStream::connect(self.fake.addr()).await.unwrap();
+        let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let tls = self.connector.connect(name, tcp).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", self.fake.addr().to_string())
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("accept", "application/json")
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&body).expect("a JSON answer"),
+        )
+    }
+}
+
+fn taint_keys(fake: &FakeKubeApi, node: &str) -> Vec<String> {
+    fake.node_taints(node).into_iter().map(|t| t.key).collect()
+}
+
+#[tokio::test]
+async fn kubectl_taint_removes_one_taint_and_leaves_the_others() {
+    let fake = FakeKubeApi::start().await;
+    fake.add_node(tainted_node("node-a"));
+    fake.add_node(KubeNode::new("node-b").taint(KubeTaint::no_schedule(STARTUP_TAINT)));
+    let before = fake.node("node-a").unwrap();
+
+    let removal = format!("{STARTUP_TAINT}-");
+    let out = run_kubectl(fake.kubeconfig(), &["taint", "node", "node-a", &removal]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "node/node-a untainted"
+    );
+    let writes = fake.node_writes();
+    // kubectl taint reads the node, then sends a two-way strategic merge patch; taints have
+    // no merge key, so the patch carries the whole list left.
+    let [write] = writes.as_slice() else {
+        panic!("one write: {writes:#?}")
+    };
+    assert_eq!(write.method, "PATCH");
+    assert_eq!(write.content_type, "application/strategic-merge-patch+json");
+    assert_eq!(write.status, 200);
+    assert_eq!(
+        write.json(),
+        serde_json::json!({"spec": {"taints": [
+            {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"},
+            {"key": "example.com/drain", "effect": "NoExecute", "timeAdded": "2025-01-02T03:04:05Z"},
+        ]}})
+    );
+    assert_eq!(fake.node_gets(), 1, "{:#?}", fake.request_lines());
+    assert_eq!(fake.node_patches(), 1);
+
+    let out = run_kubectl(fake.kubeconfig(), &["get", "node", "node-a", "-o", "json"]).await;
+    let node = stdout_json(&out);
+    assert_eq!(node["kind"], "Node");
+    assert_eq!(
+        node["spec"]["taints"],
+        serde_json::json!([
+            {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"},
+            {"key": "example.com/drain", "effect": "NoExecute", "timeAdded": "2025-01-02T03:04:05Z"},
+        ])
+    );
+    assert_eq!(node["metadata"]["labels"], before["metadata"]["labels"]);
+    assert_eq!(node["metadata"]["uid"], before["metadata"]["uid"]);
+    assert_eq!(node["status"], before["status"]);
+    assert!(
+        rv_of(&node) > rv_of(&before),
+        "a write bumps the resourceVersion"
+    );
+    assert_eq!(node["metadata"]["resourceVersion"], fake.resource_version());
+    assert_eq!(taint_keys(&fake, "node-b"), [STARTUP_TAINT], "another node");
+
+    // Removing a taint the node does not have changes nothing and kubectl says so.
+    let out = run_kubectl(fake.kubeconfig(), &["taint", "node", "node-a", &removal]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fake.node_writes().len(), 1);
+
+    // The last taint of node-b: what kubectl sends then.
+    let out = run_kubectl(fake.kubeconfig(), &["taint", "node", "node-b", &removal]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = fake.node_writes().pop().unwrap();
+    assert_eq!(last.json(), serde_json::json!({"spec": {"taints": null}}));
+    assert!(fake.node("node-b").unwrap()["spec"].get("taints").is_none());
+    assert_eq!(fake.node_taints("node-b"), Vec::<KubeTaint>::new());
+}
+
+#[tokio::test]
+async fn kubectl_taint_adds_a_taint_and_get_nodes_prints_the_table() {
+    let fake = FakeKubeApi::start().await;
+    fake.add_node(KubeNode::new("node-a").label("node-role.kubernetes.io/worker", ""));
+    fake.add_node(KubeNode::new("node-b").not_ready().unschedulable());
+
+    let taint = format!("{STARTUP_TAINT}=:NoSchedule");
+    let out = run_kubectl(fake.kubeconfig(), &["taint", "node", "node-a", &taint]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fake.node_taints("node-a"),
+        [KubeTaint::no_schedule(STARTUP_TAINT)]
+    );
+    assert_eq!(
+        fake.node_writes()[0].json(),
+        serde_json::json!({"spec": {"taints": [{"key": STARTUP_TAINT, "effect": "NoSchedule"}]}})
+    );
+
+    let out = run_kubectl(fake.kubeconfig(), &["get", "nodes", "-o", "wide"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "NAME",
+            "STATUS",
+            "ROLES",
+            "AGE",
+            "VERSION",
+            "INTERNAL-IP",
+            "EXTERNAL-IP",
+            "OS-IMAGE",
+            "KERNEL-VERSION",
+            "CONTAINER-RUNTIME"
+        ],
+        "{text}"
+    );
+    assert_eq!(rows[1][..3], ["node-a", "Ready", "worker"], "{text}");
+    assert_eq!(rows[1][4..7], ["v1.32.0", "127.0.0.1", "<none>"], "{text}");
+    assert_eq!(
+        rows[2][..3],
+        ["node-b", "NotReady,SchedulingDisabled", "<none>"],
+        "{text}"
+    );
+    assert_eq!(fake.requests_of(RequestKind::NodeList), 1);
+
+    let out = run_kubectl(fake.kubeconfig(), &["get", "node", "node-c"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nodes \"node-c\" not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_json_patch_whose_test_fails_is_422_and_changes_nothing() {
+    let fake = FakeKubeApi::start().await;
+    fake.add_node(tainted_node("node-a"));
+    let api = Api::new(&fake);
+    let read = fake.node("node-a").unwrap();
+    let taints = read["spec"]["taints"].clone();
+    let rest: Vec<Value> = taints
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["key"] != STARTUP_TAINT)
+        .cloned()
+        .collect();
+    let removal = serde_json::json!([
+        {"op": "test", "path": "/spec/taints", "value": taints},
+        {"op": "replace", "path": "/spec/taints", "value": rest},
+    ]);
+
+    // Someone adds a taint after the read: the test no longer holds.
+    fake.add_node_taint("node-a", KubeTaint::no_schedule("late"));
+    let changed = fake.node("node-a").unwrap();
+    let target = "/api/v1/nodes/node-a";
+    let json_patch = "application/json-patch+json";
+    let (code, status) = api.write("PATCH", target, json_patch, &removal).await;
+    assert_eq!(code, 422, "{status}");
+    // kube-apiserver's answer to any JSON patch that does not apply: no reason given.
+    assert_eq!(
+        status,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Invalid", "details": {}, "code": 422,
+            "message": "the server rejected our request due to an error in our request"})
+    );
+    assert_eq!(fake.node("node-a").unwrap(), changed, "nothing written");
+
+    // A path that is not there: remove, and replace below a missing parent.
+    for op in [
+        serde_json::json!([{"op": "remove", "path": "/metadata/labels/nope"}]),
+        serde_json::json!([{"op": "replace", "path": "/spec/nope/deeper", "value": 1}]),
+        serde_json::json!([{"op": "replace", "path": "/spec/taints/9", "value": {}}]),
+    ] {
+        let (code, status) = api.write("PATCH", target, json_patch, &op).await;
+        assert_eq!(
+            (code, status["reason"].as_str()),
+            (422, Some("Invalid")),
+            "{op}"
+        );
+    }
+    assert_eq!(fake.node("node-a").unwrap(), changed);
+
+    // Read again and retry: the removal applies, and the late taint stays.
+    let taints = changed["spec"]["taints"].clone();
+    let rest: Vec<Value> = taints
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["key"] != STARTUP_TAINT)
+        .cloned()
+        .collect();
+    let (code, node) = api
+        .write(
+            "PATCH",
+            target,
+            json_patch,
+            &serde_json::json!([
+                {"op": "test", "path": "/spec/taints", "value": taints},
+                {"op": "replace", "path": "/spec/taints", "value": rest},
+            ]),
+        )
+        .await;
+    assert_eq!(code, 200, "{node}");
+    assert_eq!(node["kind"], "Node");
+    assert_eq!(
+        taint_keys(&fake, "node-a"),
+        ["dedicated", "example.com/drain", "late"]
+    );
+    assert_eq!(
+        node,
+        fake.node("node-a").unwrap(),
+        "the answer is the stored node"
+    );
+    assert!(rv_of(&node) > rv_of(&changed));
+
+    // The last taint goes with a remove of /spec/taints; a second remove finds nothing.
+    fake.set_node_taints("node-a", vec![KubeTaint::no_schedule(STARTUP_TAINT)]);
+    let taints = fake.node("node-a").unwrap()["spec"]["taints"].clone();
+    let remove = serde_json::json!([
+        {"op": "test", "path": "/spec/taints", "value": taints},
+        {"op": "remove", "path": "/spec/taints"},
+    ]);
+    let (code, node) = api.write("PATCH", target, json_patch, &remove).await;
+    assert_eq!(code, 200, "{node}");
+    assert!(node["spec"].get("taints").is_none());
+    let (code, _) = api.write("PATCH", target, json_patch, &remove).await;
+    assert_eq!(code, 422);
+    let (code, status) = api
+        .write("PATCH", target, json_patch, &serde_json::json!({"a": 1}))
+        .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+}
+
+#[tokio::test]
+async fn a_write_with_a_stale_resource_version_is_409_conflict() {
+    let fake = FakeKubeApi::start().await;
+    fake.add_node(tainted_node("node-a"));
+    let api = Api::new(&fake);
+    let read = fake.node("node-a").unwrap();
+    let read_version = read["metadata"]["resourceVersion"].clone();
+    // The merge patch a client that must not lose others' changes sends.
+    let merge = serde_json::json!({
+        "metadata": {"resourceVersion": read_version},
+        "spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]},
+    });
+
+    fake.modify_node("node-a", |node| {
+        node["metadata"]["labels"]["team"] = "a".into();
+    });
+    let target = "/api/v1/nodes/node-a";
+    let (code, status) = api
+        .write("PATCH", target, "application/merge-patch+json", &merge)
+        .await;
+    assert_eq!(code, 409, "{status}");
+    assert_eq!(
+        status,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Conflict", "code": 409,
+            "details": {"name": "node-a", "kind": "nodes"},
+            "message": "Operation cannot be fulfilled on nodes \"node-a\": the object has been \
+                        modified; please apply your changes to the latest version and try again"})
+    );
+    assert_eq!(taint_keys(&fake, "node-a").len(), 3, "nothing written");
+
+    // The same with the current version applies, and keeps the label written meanwhile.
+    let mut current = merge.clone();
+    current["metadata"]["resourceVersion"] =
+        fake.node("node-a").unwrap()["metadata"]["resourceVersion"].clone();
+    let (code, node) = api
+        .write("PATCH", target, "application/merge-patch+json", &current)
+        .await;
+    assert_eq!(code, 200, "{node}");
+    assert_eq!(taint_keys(&fake, "node-a"), ["dedicated"]);
+    assert_eq!(node["metadata"]["labels"]["team"], "a");
+    // The same write again changes nothing: no new resourceVersion.
+    let version = fake.resource_version();
+    let mut again = current.clone();
+    again["metadata"]["resourceVersion"] = node["metadata"]["resourceVersion"].clone();
+    let (code, _) = api
+        .write("PATCH", target, "application/merge-patch+json", &again)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(fake.resource_version(), version);
+
+    // A PUT of the object read before is refused as well; one without a version is not.
+    let (code, status) = api.write("PUT", target, "application/json", &read).await;
+    assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")));
+    let mut unconditional = fake.node("node-a").unwrap();
+    unconditional["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    unconditional["metadata"]["annotations"]["note"] = "put".into();
+    let (code, node) = api
+        .write("PUT", target, "application/json", &unconditional)
+        .await;
+    assert_eq!(code, 200, "{node}");
+    assert_eq!(node["metadata"]["annotations"]["note"], "put");
+    assert_eq!(fake.requests_of(RequestKind::NodeUpdate), 2);
+
+    // Invalid results are refused as kube-apiserver refuses them.
+    let (code, status) = api
+        .write(
+            "PATCH",
+            target,
+            "application/merge-patch+json",
+            &serde_json::json!({"spec": {"taints": [{"key": "x", "effect": "Sometimes"}]}}),
+        )
+        .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (422, Some("Invalid")),
+        "{status}"
+    );
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "spec.taints[0].effect"
+    );
+    let (code, status) = api
+        .write(
+            "PATCH",
+            target,
+            "application/merge-patch+json",
+            &serde_json::json!({"metadata": {"name": "node-z"}}),
+        )
+        .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "{status}"
+    );
+    let (code, status) = api
+        .write(
+            "PATCH",
+            target,
+            "application/apply-patch+yaml",
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(code, 415, "{status}");
+}
+
+#[tokio::test]
+async fn node_patches_can_be_refused_and_are_counted_and_authenticated() {
+    let fake = FakeKubeApi::start().await;
+    fake.add_node(tainted_node("node-a"));
+    let api = Api::new(&fake);
+    let target = "/api/v1/nodes/node-a";
+    let patch = serde_json::json!({"spec": {"taints": null}});
+    fake.fail_next_node_patches(2);
+    for _ in 0..2 {
+        let (code, status) = api
+            .write("PATCH", target, "application/merge-patch+json", &patch)
+            .await;
+        assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")));
+        assert_eq!(taint_keys(&fake, "node-a").len(), 3);
+    }
+    let (code, node) = api
+        .write("PATCH", target, "application/merge-patch+json", &patch)
+        .await;
+    assert_eq!(code, 200);
+    assert!(node["spec"].get("taints").is_none());
+    let statuses: Vec<u16> = fake.node_writes().iter().map(|w| w.status).collect();
+    assert_eq!(statuses, [409, 409, 200]);
+    assert_eq!(fake.node_patches(), 3);
+
+    let (code, node) = api.get(target).await;
+    assert_eq!(code, 200);
+    assert_eq!(node["metadata"]["name"], "node-a");
+    let (code, list) = api.get("/api/v1/nodes").await;
+    assert_eq!((code, list["kind"].as_str()), (200, Some("NodeList")));
+    assert_eq!(names(&list), ["node-a"]);
+    let (code, status) = api.get("/api/v1/nodes/node-b").await;
+    assert_eq!(code, 404);
+    assert_eq!(status["message"], "nodes \"node-b\" not found");
+    assert_eq!(fake.node_gets(), 2);
+    assert_eq!(fake.requests_of(RequestKind::NodeList), 1);
+
+    // Without the token: 401, and nothing else is learned or changed.
+    let response = api.send(target, "wrong").await.unwrap();
+    assert_eq!(response.status(), 401);
+    let mut stranger = Api::new(&fake);
+    stranger.token = "wrong".to_owned();
+    let (code, _) = stranger
+        .write(
+            "PATCH",
+            target,
+            "application/merge-patch+json",
+            &serde_json::json!({
+                "metadata": {"labels": {"owned": "yes"}},
+            }),
+        )
+        .await;
+    assert_eq!(code, 401);
+    assert!(fake.node("node-a").unwrap()["metadata"]["labels"]
+        .get("owned")
+        .is_none());
+    assert_eq!(fake.node_patches(), 4, "counted on arrival");
+    assert_eq!(
+        fake.node_writes().len(),
+        3,
+        "only authorized writes are recorded"
+    );
 }

@@ -47,7 +47,7 @@ use tokio::time::Instant;
 
 use policy::RETRY_CAP;
 pub use policy::{
-    retry_delay, EXPIRY_MARGIN, MIN_SERVABLE_LIFETIME, REFUSAL_TTL, STALE_WAIT,
+    random_fraction, retry_delay, EXPIRY_MARGIN, MIN_SERVABLE_LIFETIME, REFUSAL_TTL, STALE_WAIT,
     UPSTREAM_QUEUE_WAIT, WAIT_DEADLINE,
 };
 use refresh::{Due, Timers};

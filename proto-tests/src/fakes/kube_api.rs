@@ -11,10 +11,13 @@
 //!
 //! This file has the server (TLS, the port, routing) and the switches; `store` keeps the change
 //! log, `query` reads a list's or watch's parameters and selectors, `list` and `watch` serve
-//! them, `objects` renders what clients see and `status` the failures.
+//! them, `objects` renders what clients see and `status` the failures. `nodes` serves the
+//! nodes and their writes, applying patches with `patch`.
 
 mod list;
+mod nodes;
 mod objects;
+mod patch;
 mod query;
 mod status;
 mod store;
@@ -49,6 +52,8 @@ use tokio::sync::{watch as channel, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
 use tokio_rustls::TlsAcceptor;
+
+pub use nodes::{KubeNode, KubeTaint, NodeWrite};
 
 use super::recorder::{recorded_fake, Recorder};
 use super::ServerGuard;
@@ -160,6 +165,14 @@ pub enum RequestKind {
     Discovery,
     /// The service-account issuer's discovery document or keys.
     Oidc,
+    /// A list of nodes.
+    NodeList,
+    /// One node by name.
+    NodeGet,
+    /// A PATCH of a node.
+    NodePatch,
+    /// A PUT of a node.
+    NodeUpdate,
     /// Anything else (namespaces, health endpoints, unknown paths, methods the fake refuses).
     Other,
 }
@@ -632,6 +645,8 @@ enum Route {
     },
     Namespaces,
     Namespace(String),
+    Nodes,
+    Node(String),
     NotFound,
 }
 
@@ -665,6 +680,8 @@ impl Route {
             },
             ["api", "v1", "namespaces"] => Route::Namespaces,
             ["api", "v1", "namespaces", ns] if named(ns) => Route::Namespace(percent_decode(ns)),
+            ["api", "v1", "nodes"] => Route::Nodes,
+            ["api", "v1", "nodes", name] if named(name) => Route::Node(percent_decode(name)),
             // The status subresource reads as the pod itself.
             ["api", "v1", "namespaces", ns, "pods", name]
             | ["api", "v1", "namespaces", ns, "pods", name, "status"]
@@ -679,8 +696,9 @@ impl Route {
         }
     }
 
-    fn kind(&self, query: &Query) -> RequestKind {
+    fn kind(&self, method: &Method, query: &Query) -> RequestKind {
         match self {
+            Route::Nodes | Route::Node(_) => nodes::request_kind(self, method),
             Route::Version | Route::ApiVersions | Route::CoreV1 | Route::ApiGroups => {
                 RequestKind::Discovery
             }
@@ -708,7 +726,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
     }
     let route = Route::of(req.uri().path());
     let query = Query::parse(req.uri().query());
-    let kind = route.kind(&query);
+    let kind = route.kind(req.method(), &query);
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     let authorized = header("authorization")
         .and_then(|v| v.split_once(' '))
@@ -737,6 +755,9 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
     // Authentication comes before routing: a stranger learns nothing, not even a 404.
     if !authorized {
         return Ok(ApiError::new(401, "Unauthorized", "Unauthorized").into_response());
+    }
+    if let Route::Nodes | Route::Node(_) = route {
+        return Ok(nodes::serve(shared, route, &query, req).await);
     }
     let reply = match (req.method(), route) {
         (&Method::GET, route) => get(shared, route, &query, header("accept")).await,
@@ -859,7 +880,8 @@ async fn get(
                 ),
             }))
         }
-        Route::NotFound => Err(ApiError::new(
+        // Nodes never get here: `nodes::serve` answers them.
+        Route::NotFound | Route::Nodes | Route::Node(_) => Err(ApiError::new(
             404,
             "NotFound",
             "the server could not find the requested resource",

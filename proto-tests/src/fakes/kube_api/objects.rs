@@ -32,8 +32,8 @@ pub(super) fn version() -> Value {
     })
 }
 
-/// The core group's resources the fake serves (pods, and namespaces to read), with the verbs a
-/// real server lists.
+/// The core group's resources the fake serves (pods, namespaces to read, and nodes), with the
+/// verbs a real server lists.
 pub(super) fn core_v1_resources() -> Value {
     json!({
         "kind": "APIResourceList",
@@ -46,6 +46,15 @@ pub(super) fn core_v1_resources() -> Value {
                 "kind": "Namespace",
                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
                 "shortNames": ["ns"],
+            },
+            {
+                "name": "nodes",
+                "singularName": "node",
+                "namespaced": false,
+                "kind": "Node",
+                "verbs": ["create", "delete", "deletecollection", "get", "list", "patch",
+                          "update", "watch"],
+                "shortNames": ["no"],
             },
             {
                 "name": "pods",
@@ -314,7 +323,7 @@ pub(super) fn pod_row(stored: &Stored, resource_version: u64) -> Value {
     })
 }
 
-fn partial_object_metadata(metadata: Value) -> Value {
+pub(super) fn partial_object_metadata(metadata: Value) -> Value {
     json!({
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
@@ -386,7 +395,7 @@ pub(super) fn namespace_row(name: &str, ns: &Namespace) -> Value {
 
 /// The age column: how long ago `created` was, written as kubectl writes durations
 /// (`45s`, `3m20s`, `25m`, `5h3m`, `20h`, `3d4h`, `40d`, `2y30d`).
-fn age(created: i64) -> String {
+pub(super) fn age(created: i64) -> String {
     human_duration(unix_now() - created)
 }
 

@@ -52,6 +52,8 @@ pub(super) struct Store {
     /// Namespaces: a cluster's own, and every namespace a pod was added to (they outlive
     /// their pods, as namespaces do).
     pub(super) namespaces: BTreeMap<String, Namespace>,
+    /// The nodes; their writes take resourceVersions from the same sequence.
+    pub(super) nodes: super::nodes::Nodes,
 }
 
 /// A namespace: its creation's resourceVersion and time.
@@ -81,6 +83,7 @@ impl Store {
                 .iter()
                 .map(|ns| (ns.to_string(), namespace()))
                 .collect(),
+            nodes: super::nodes::Nodes::default(),
         }
     }
 
