@@ -68,6 +68,7 @@ TABLE = {
     "connection-reclaim": ("hardening", "a_few_sources_cannot_lock_out_another"),
     "fragment-target": ("hardening", "a_fragment_in_the_target_is_refused"),
     "servable-margin": ("hardening", "short_credentials_are_never_served_inside_the_15s_margin"),
+    "kube-body-bound": ("hardening_kube", "an_unterminated_watch_event_is_dropped_and_memory_stays_bounded"),
 }
 
 

@@ -62,6 +62,7 @@ defences! {
     ConnectionReclaim => "connection-reclaim",
     FragmentTarget => "fragment-target",
     ServableMargin => "servable-margin",
+    KubeBodyBound => "kube-body-bound",
 }
 
 impl Defence {

@@ -238,6 +238,9 @@ families! {
     /// Requests to the Kubernetes API server by kind (list, watch, get, keys, other)
     #[only(kubernetes_api)]
     kubernetes_requests: CounterVec,
+    /// Answers of the Kubernetes API server cut off at their size bound (a watch line, a list page, an object), by request kind
+    #[only(kubernetes_api)]
+    kubernetes_oversized_answers: CounterVec,
 }
 
 /// Counters of one label: the method that counts, the label's name, and the family.
@@ -255,6 +258,7 @@ counted_by_label! {
     token_rejected("reason") => token_rejections;
     pod_lookup("result") => pod_lookups;
     kubernetes_request("kind") => kubernetes_requests;
+    kubernetes_oversized_answer("kind") => kubernetes_oversized_answers;
     eviction("reason") => cache_evictions;
     refresh("outcome") => refreshes;
     rate_limited("scope") => rate_limited;
@@ -390,6 +394,7 @@ mod tests {
             "pod_watch_errors",
             "pod_lookups",
             "kubernetes_requests",
+            "kubernetes_oversized_answers",
             "associations",
             "association_reloads",
         ] {

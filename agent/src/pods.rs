@@ -24,7 +24,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::{watch, Semaphore};
 
-use crate::kube_api::LastContact;
+use crate::kube_api::{error_text, LastContact};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::sync;
@@ -325,7 +325,7 @@ impl NodePods {
             Ok(Ok(pod)) => pod,
             Ok(Err(e)) => {
                 self.metrics.pod_lookup("error");
-                tracing::warn!(namespace, pod = name, error = %e, "pod lookup failed");
+                tracing::warn!(namespace, pod = name, error = %error_text(&e), "pod lookup failed");
                 return Err(Refusal::LookupFailed);
             }
             Err(_) => {
@@ -435,7 +435,7 @@ impl NodePods {
                 Some(Ok(event)) => self.apply(event),
                 Some(Err(e)) => {
                     self.metrics.pod_watch_errors.inc();
-                    tracing::warn!(error = %e, synced = self.is_synced(), "pod watch error; retrying with backoff (the last known pods stay in force)");
+                    tracing::warn!(error = %error_text(&e), synced = self.is_synced(), "pod watch error; retrying with backoff (the last known pods stay in force)");
                 }
                 None => return,
             }

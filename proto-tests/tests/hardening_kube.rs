@@ -1,0 +1,196 @@
+//! What the agent takes from the Kubernetes API server, when the server (or whatever sits
+//! between) is broken or hostile: answers that never end. An attesting agent
+//! (`--caller-attestation pod`) against the fake API server; pod IPs are source addresses in
+//! 127.0.0.0/8, as in `attestation.rs`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use proto_tests::fakes::kube_api::RequestKind;
+use proto_tests::http::RawResponse;
+use proto_tests::{metrics, Agent, FakeKubeApi, GetAnswer, KubePod, Pod, TestBed};
+use tokio::time::Instant;
+
+const NODE: &str = "node-a";
+/// Bound of every wait in this file.
+const WAIT: Duration = Duration::from_secs(20);
+/// The agent's bound on one object from the API server: a watch event line or a GET body
+/// (`agent/src/kube_api.rs::MAX_OBJECT_BYTES`).
+const OBJECT_BOUND_MIB: f64 = 4.0;
+/// How much the agent's resident memory may grow while it reads a hostile answer: the
+/// buffer filled up to the bound, grown by doubling to twice it, and slack for the
+/// allocator and the connection's own buffers.
+const GROWTH_ALLOWED_MIB: f64 = 2.0 * OBJECT_BOUND_MIB + 16.0;
+/// What the hostile watch event sends: many times the bound, so an agent that buffers it
+/// whole shows it, yet little enough to stream through TLS on loopback in seconds.
+const HOSTILE_EVENT_BYTES: usize = 64 << 20;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
+    TestBed::builder()
+        .args(["--node-name", NODE, "--caller-attestation", "pod"])
+        .env("KUBECONFIG", api.kubeconfig())
+        .start()
+        .await
+}
+
+async fn assert_served(bed: &TestBed, source: IpAddr, token: &str) {
+    let response = bed.agent.fetch_credentials_from(source, token).await;
+    assert_eq!(response.status, 200, "from {source}: {response:?}");
+}
+
+fn assert_refused(response: &RawResponse, status: u16, code: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(
+        response.json_str("code").as_deref(),
+        Some(code),
+        "{response:?}"
+    );
+}
+
+async fn metric(bed: &TestBed, series: &str) -> f64 {
+    metrics::value(&bed.agent.metrics_text().await, series).unwrap_or(0.0)
+}
+
+/// The agent's resident memory, from `/proc/<pid>/status`.
+struct Memory {
+    pid: u32,
+}
+
+impl Memory {
+    fn of(agent: &Agent) -> Memory {
+        Memory { pid: agent.pid() }
+    }
+
+    fn field_mib(&self, field: &str) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("read the agent's /proc status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"));
+        kib / 1024.0
+    }
+
+    fn rss_mib(&self) -> f64 {
+        self.field_mib("VmRSS:")
+    }
+
+    /// The peak since [`reset_peak`](Self::reset_peak).
+    fn peak_mib(&self) -> f64 {
+        self.field_mib("VmHWM:")
+    }
+
+    /// Start the peak (`VmHWM`) again from the current RSS (`clear_refs`, Linux 4.0+), so
+    /// what the agent did at start does not count.
+    fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
+            .expect("reset the agent's peak RSS");
+    }
+}
+
+/// A watch event that never ends its line: the agent drops the stream at its bound (and
+/// counts it) instead of buffering it, keeps serving the pods it knew, and watches again, so
+/// a pod added afterwards arrives by the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unterminated_watch_event_is_dropped_and_memory_stays_bounded() {
+    let api = FakeKubeApi::start().await;
+    let app = Pod::new("team-a", "app", "app-0");
+    let web = Pod::new("team-a", "web", "web-0");
+    api.add_pod(KubePod::of(&app, NODE, ip(10)));
+    api.add_pod(KubePod::of(&web, NODE, ip(11)));
+    let bed = attesting_bed(&api).await;
+    assert_served(&bed, ip(10), &bed.token(&app)).await;
+    assert!(
+        api.wait_for_open_watches(1, WAIT).await,
+        "the agent watches"
+    );
+    let watches = api.watches();
+
+    let memory = Memory::of(&bed.agent);
+    let before = memory.rss_mib();
+    memory.reset_peak();
+    api.send_unterminated_watch_event(HOSTILE_EVENT_BYTES);
+    assert!(
+        api.wait_for_requests(RequestKind::Watch, watches + 1, WAIT)
+            .await,
+        "the agent watches again: {:?}",
+        api.request_lines()
+    );
+    let peak = memory.peak_mib();
+    eprintln!(
+        "an unterminated watch event of {} MiB: agent RSS {before:.1} MiB before, peak {peak:.1} MiB, {:.1} MiB after",
+        HOSTILE_EVENT_BYTES >> 20,
+        memory.rss_mib()
+    );
+    assert!(
+        peak - before < GROWTH_ALLOWED_MIB,
+        "RSS grew from {before:.1} to {peak:.1} MiB reading one watch event"
+    );
+    assert!(
+        metric(
+            &bed,
+            "pod_identity_agent_kubernetes_oversized_answers_total{kind=\"watch\"}"
+        )
+        .await
+            >= 1.0
+    );
+
+    // The pods it knew are served, one of them for the first time (no cache entry).
+    assert_served(&bed, ip(11), &bed.token(&web)).await;
+    // It recovered: a pod added now arrives by the watch, not by a lookup.
+    let new = Pod::new("team-a", "app", "app-new");
+    api.add_pod(KubePod::of(&new, NODE, ip(12)));
+    bed.agent
+        .wait_for_metric("pod_identity_agent_pods_known", |v| v == 3.0, WAIT)
+        .await;
+    assert_served(&bed, ip(12), &bed.token(&new)).await;
+    assert_eq!(api.gets(), 0, "{:?}", api.request_lines());
+}
+
+/// A pod lookup answered with a body that never ends: the lookup fails at the bound, the
+/// request gets 503 `PodLookupFailed` within the contract's 5 s (not the deadline's
+/// `PodLookupTimeout`), memory stays bounded, and the retry against a sane answer is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_pod_lookup_answer_is_503_within_5s_and_memory_stays_bounded() {
+    let api = FakeKubeApi::start().await;
+    let bed = attesting_bed(&api).await;
+    let new = Pod::new("team-a", "app", "app-new");
+    api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
+    api.set_get_answer(GetAnswer::Endless);
+    let token = bed.token(&new);
+
+    let memory = Memory::of(&bed.agent);
+    let before = memory.rss_mib();
+    memory.reset_peak();
+    let started = Instant::now();
+    let response = bed.agent.fetch_credentials_from(ip(30), &token).await;
+    let took = started.elapsed();
+    let peak = memory.peak_mib();
+    eprintln!(
+        "an endless pod lookup answer: {} after {took:?}; agent RSS {before:.1} MiB before, peak {peak:.1} MiB",
+        response.status
+    );
+    assert_refused(&response, 503, "PodLookupFailed");
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    assert!(
+        peak - before < GROWTH_ALLOWED_MIB,
+        "RSS grew from {before:.1} to {peak:.1} MiB reading one pod"
+    );
+    assert_eq!(
+        metric(
+            &bed,
+            "pod_identity_agent_kubernetes_oversized_answers_total{kind=\"get\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(bed.upstream.calls(), 0);
+
+    api.set_get_answer(GetAnswer::Pod);
+    assert_served(&bed, ip(30), &token).await;
+}
