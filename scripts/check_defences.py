@@ -69,6 +69,8 @@ TABLE = {
     "fragment-target": ("hardening", "a_fragment_in_the_target_is_refused"),
     "servable-margin": ("hardening", "short_credentials_are_never_served_inside_the_15s_margin"),
     "kube-body-bound": ("hardening_kube", "an_unterminated_watch_event_is_dropped_and_memory_stays_bounded"),
+    "lenient-pod-list": ("hardening_kube", "a_malformed_pod_is_skipped_and_the_others_are_served"),
+    "log-line-bound": ("hardening_kube", "an_api_answer_that_is_not_json_reaches_the_log_shortened"),
 }
 
 

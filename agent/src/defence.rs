@@ -63,6 +63,8 @@ defences! {
     FragmentTarget => "fragment-target",
     ServableMargin => "servable-margin",
     KubeBodyBound => "kube-body-bound",
+    LenientPodList => "lenient-pod-list",
+    LogLineBound => "log-line-bound",
 }
 
 impl Defence {

@@ -235,6 +235,9 @@ families! {
     /// Single-pod reads for pods the watch had not delivered, by result
     #[only(pod_watch)]
     pod_lookups: CounterVec,
+    /// Pods from the Kubernetes API server that did not parse, by source (list, watch, get): skipped, their tokens refused
+    #[only(pod_watch)]
+    malformed_pods: CounterVec,
     /// Requests to the Kubernetes API server by kind (list, watch, get, keys, other)
     #[only(kubernetes_api)]
     kubernetes_requests: CounterVec,
@@ -257,6 +260,7 @@ macro_rules! counted_by_label {
 counted_by_label! {
     token_rejected("reason") => token_rejections;
     pod_lookup("result") => pod_lookups;
+    malformed_pod("source") => malformed_pods;
     kubernetes_request("kind") => kubernetes_requests;
     kubernetes_oversized_answer("kind") => kubernetes_oversized_answers;
     eviction("reason") => cache_evictions;
@@ -393,6 +397,7 @@ mod tests {
             "pod_watch_staleness_seconds",
             "pod_watch_errors",
             "pod_lookups",
+            "malformed_pods",
             "kubernetes_requests",
             "kubernetes_oversized_answers",
             "associations",

@@ -8,6 +8,8 @@
 //! hash lookup. A pod the watch has not delivered yet is read once with a GET, bounded in
 //! rate and concurrency; a pod that is deleted or has terminated is remembered (bounded) so
 //! its tokens are refused without asking the API server again, and the cache is told at once.
+//! Pods are read as [`PodObject`]s, so one that does not parse is counted, remembered and
+//! refused while the rest of its list is used.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,7 +20,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -27,9 +28,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::kube_api::{error_text, LastContact};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::pod_object::{PodFields, PodObject};
 use crate::sync;
 
-/// Pods remembered as gone, so replays of their tokens cost no API call.
+/// Pods remembered as gone (or malformed), so replays of their tokens cost no API call.
 const MAX_GONE: usize = 16_384;
 /// How long a gone pod is remembered. After that a replay costs one GET (and is refused).
 const GONE_TTL: Duration = Duration::from_secs(3600);
@@ -64,6 +66,8 @@ pub enum Refusal {
     LookupLimited,
     #[error("the Kubernetes API server did not answer the pod lookup; retry shortly")]
     LookupFailed,
+    #[error("the Kubernetes API server's description of the token's pod does not parse")]
+    Malformed,
 }
 
 impl Refusal {
@@ -76,6 +80,7 @@ impl Refusal {
             Refusal::HostNetworkOnly => "HostNetworkOnly",
             Refusal::LookupLimited => "PodLookupLimited",
             Refusal::LookupFailed => "PodLookupFailed",
+            Refusal::Malformed => "PodMalformed",
         }
     }
 
@@ -114,6 +119,8 @@ enum Absent {
     Ended,
     /// The API server has no such pod on this node (another node's, or none at all).
     NotHere,
+    /// The API server's last word on the pod did not parse; a well-formed one replaces it.
+    Malformed,
 }
 
 impl State {
@@ -142,6 +149,42 @@ impl State {
             .filter(|(at, _)| now.duration_since(*at) < GONE_TTL)
             .map(|(_, why)| *why)
     }
+
+    /// Its tokens are refused until a version that parses arrives; an ended pod stays
+    /// ended. True if it was not known to be malformed already.
+    fn mark_malformed(&mut self, uid: &str, now: Instant) -> bool {
+        match self.absent(uid, now) {
+            Some(Absent::Ended) => false,
+            Some(Absent::Malformed) => {
+                self.live.remove(uid);
+                false
+            }
+            _ => {
+                self.bury(uid, now, Absent::Malformed);
+                true
+            }
+        }
+    }
+
+    /// A version of the pod that parses: live, unless it ended or was found elsewhere.
+    fn revive(&mut self, uid: Box<str>, facts: PodFacts, now: Instant) {
+        match self.absent(&uid, now) {
+            None => {}
+            Some(Absent::Malformed) => {
+                self.gone.remove(&uid);
+            }
+            Some(Absent::Ended | Absent::NotHere) => return,
+        }
+        self.live.insert(uid, facts);
+    }
+}
+
+/// A list in progress: between the watcher's `Init` and `InitDone`.
+struct Relist {
+    started: Instant,
+    pods: PodMap,
+    /// UIDs of the listed pods that did not parse.
+    malformed: Vec<Box<str>>,
 }
 
 /// What the pod set says of a token's pod and a source address.
@@ -173,9 +216,7 @@ pub struct NodePods {
     lookup_budget: Mutex<TokenBucket>,
     lookup_slots: Semaphore,
     lookups_in_flight: Mutex<HashMap<Box<str>, Lookup>>,
-    /// The pods of a list in progress (between the watcher's `Init` and `InitDone`), and when
-    /// it began.
-    relist: Mutex<Option<(Instant, PodMap)>>,
+    relist: Mutex<Option<Relist>>,
     host_addrs: Mutex<(Option<Instant>, Vec<IpAddr>)>,
 }
 
@@ -253,6 +294,7 @@ impl NodePods {
             Seen::NotCaller if self.is_host_address(peer) => Err(Refusal::HostNetworkOnly),
             Seen::NotCaller => Err(Refusal::CallerNotPod),
             Seen::Absent(Absent::Ended) => Err(Refusal::PodGone),
+            Seen::Absent(Absent::Malformed) => Err(Refusal::Malformed),
             Seen::Absent(Absent::NotHere) | Seen::Unknown => Err(Refusal::UnknownPod),
         }
     }
@@ -320,7 +362,7 @@ impl NodePods {
             self.metrics.pod_lookup("limited");
             return Err(Refusal::LookupLimited);
         };
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let api: Api<PodObject> = Api::namespaced(self.client.clone(), namespace);
         let pod = match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
             Ok(Ok(pod)) => pod,
             Ok(Err(e)) => {
@@ -335,24 +377,33 @@ impl NodePods {
             }
         };
         let now = Instant::now();
-        let (result, absent) = match &pod {
+        let fields = pod.as_ref().map(|p| (p.uid(), p.fields.as_ref()));
+        let (result, absent) = match fields {
             None => ("not_found", Some(Absent::NotHere)),
-            Some(p) if p.metadata.uid.as_deref() != Some(uid) => ("other_pod", Some(Absent::Ended)),
-            Some(p)
+            Some((found, _)) if found != Some(uid) => ("other_pod", Some(Absent::Ended)),
+            Some((_, Err(why))) => {
+                self.metrics.malformed_pod("get");
+                log_malformed(namespace, name, "get", why);
+                ("malformed", None)
+            }
+            Some((_, Ok(p)))
                 if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
                     != Some(self.node.as_str()) =>
             {
                 ("other_node", Some(Absent::NotHere))
             }
-            Some(p) => match self.facts_of(p, now) {
+            Some((_, Ok(p))) => match self.facts_of(p, now) {
                 Some((found_uid, facts)) => {
-                    self.write().live.insert(found_uid, facts);
+                    self.write().revive(found_uid, facts, now);
                     ("found", None)
                 }
                 None => ("not_running", Some(Absent::Ended)),
             },
         };
         self.metrics.pod_lookup(result);
+        if result == "malformed" {
+            self.write().mark_malformed(uid, now);
+        }
         if let Some(why) = absent {
             self.write().bury(uid, now, why);
         }
@@ -366,7 +417,7 @@ impl NodePods {
     }
 
     /// UID and caller facts of a pod of this node that has not terminated.
-    fn facts_of(&self, pod: &Pod, now: Instant) -> Option<(Box<str>, PodFacts)> {
+    fn facts_of(&self, pod: &PodFields, now: Instant) -> Option<(Box<str>, PodFacts)> {
         let uid = pod.metadata.uid.as_deref()?;
         let spec = pod.spec.as_ref()?;
         if spec.node_name.as_deref() != Some(self.node.as_str()) {
@@ -421,7 +472,7 @@ impl NodePods {
         watch_timeout: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let api: Api<Pod> = Api::all(self.client.clone());
+        let api: Api<PodObject> = Api::all(self.client.clone());
         let config = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", self.node))
             .timeout(watch_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
@@ -444,27 +495,47 @@ impl NodePods {
 
     /// Take one event of the watcher (public for the benches and tests, which feed events
     /// without an API server).
-    pub fn apply(&self, event: Event<Pod>) {
+    pub fn apply(&self, event: Event<PodObject>) {
         let now = Instant::now();
         let mut relist = sync::lock(&self.relist);
         match event {
-            Event::Init => *relist = Some((now, HashMap::new())),
+            Event::Init => {
+                *relist = Some(Relist {
+                    started: now,
+                    pods: HashMap::new(),
+                    malformed: Vec::new(),
+                })
+            }
             Event::InitApply(pod) => {
-                if let (Some((_, pods)), Some((uid, facts))) =
-                    (relist.as_mut(), self.facts_of(&pod, now))
-                {
-                    pods.insert(uid, facts);
+                let Some(relist) = relist.as_mut() else {
+                    return;
+                };
+                match &pod.fields {
+                    Ok(fields) => {
+                        if let Some((uid, facts)) = self.facts_of(fields, now) {
+                            relist.pods.insert(uid, facts);
+                        }
+                    }
+                    Err(why) => {
+                        self.object_malformed(&pod, "list", why, true);
+                        relist.malformed.extend(pod.uid().map(Box::from));
+                    }
                 }
             }
             Event::InitDone => {
-                let Some((started, mut pods)) = relist.take() else {
+                let Some(Relist {
+                    started,
+                    mut pods,
+                    malformed,
+                }) = relist.take()
+                else {
                     return;
                 };
                 let mut gone = Vec::new();
                 {
                     let mut state = self.write();
                     for (uid, facts) in state.live.drain() {
-                        if pods.contains_key(&uid) {
+                        if pods.contains_key(&uid) || malformed.contains(&uid) {
                             continue;
                         }
                         if facts.since >= started {
@@ -478,6 +549,9 @@ impl NodePods {
                     for uid in &gone {
                         state.bury(uid, now, Absent::Ended);
                     }
+                    for uid in &malformed {
+                        state.mark_malformed(uid, now);
+                    }
                 }
                 let first = !self.synced.swap(true, Ordering::AcqRel);
                 tracing::info!(
@@ -488,26 +562,47 @@ impl NodePods {
                 );
                 self.forget(&gone);
             }
-            Event::Apply(pod) => match self.facts_of(&pod, now) {
-                Some((uid, facts)) => {
-                    let mut state = self.write();
-                    if state.absent(&uid, now).is_none() {
-                        state.live.insert(uid, facts);
-                    }
+            Event::Apply(pod) => match &pod.fields {
+                Ok(fields) => match self.facts_of(fields, now) {
+                    Some((uid, facts)) => self.write().revive(uid, facts, now),
+                    None => self.pod_ended(&pod, now),
+                },
+                Err(why) => {
+                    // Logged once per pod: a server that repeats it must not flood the log.
+                    let new = pod
+                        .uid()
+                        .is_none_or(|uid| self.write().mark_malformed(uid, now));
+                    self.object_malformed(&pod, "watch", why, new);
                 }
-                None => self.pod_ended(&pod, now),
             },
-            Event::Delete(pod) => self.pod_ended(&pod, now),
+            Event::Delete(pod) => {
+                if let Err(why) = &pod.fields {
+                    self.object_malformed(&pod, "watch", why, true);
+                }
+                self.pod_ended(&pod, now)
+            }
         }
     }
 
-    /// A pod of this node was deleted or has terminated.
-    fn pod_ended(&self, pod: &Pod, now: Instant) {
-        let Some(uid) = pod.metadata.uid.as_deref() else {
+    fn object_malformed(&self, pod: &PodObject, source: &'static str, why: &str, log: bool) {
+        self.metrics.malformed_pod(source);
+        if log {
+            let name = |n: Option<&str>| error_text(&n.unwrap_or_default());
+            log_malformed(&name(pod.namespace()), &name(pod.name()), source, why);
+        }
+    }
+
+    /// A pod of this node was deleted or has terminated. A deletion is believed from its
+    /// UID alone, even when the rest of the object does not parse.
+    fn pod_ended(&self, pod: &PodObject, now: Instant) {
+        let Some(uid) = pod.uid() else {
             return;
         };
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str()) {
-            return;
+        if let Ok(fields) = &pod.fields {
+            if fields.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str())
+            {
+                return;
+            }
         }
         {
             let mut state = self.write();
@@ -517,8 +612,8 @@ impl NodePods {
             state.bury(uid, now, Absent::Ended);
         }
         tracing::info!(
-            namespace = pod.metadata.namespace.as_deref().unwrap_or_default(),
-            pod = pod.metadata.name.as_deref().unwrap_or_default(),
+            namespace = pod.namespace().unwrap_or_default(),
+            pod = pod.name().unwrap_or_default(),
             "pod gone; its tokens are refused and its cached credentials dropped"
         );
         self.forget(&[uid.into()]);
@@ -529,6 +624,17 @@ impl NodePods {
             (self.on_gone)(uid);
         }
     }
+}
+
+/// A pod that does not parse (`why`: bounded text).
+fn log_malformed(namespace: &str, name: &str, source: &'static str, why: &str) {
+    tracing::warn!(
+        namespace,
+        pod = name,
+        source,
+        error = why,
+        "a pod from the Kubernetes API server does not parse; its tokens are refused until it does"
+    );
 }
 
 /// The addresses of the host's interfaces (a hostNetwork caller's source is one of them).
@@ -553,7 +659,7 @@ fn host_addresses() -> Vec<IpAddr> {
 mod tests {
     use super::*;
 
-    fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> Pod {
+    fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> PodObject {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "uid": uid},
             "spec": {"nodeName": node, "containers": [{"name": "app"}]},
@@ -579,7 +685,7 @@ mod tests {
         (pods, gone)
     }
 
-    fn list(pods: &NodePods, items: Vec<Pod>) {
+    fn list(pods: &NodePods, items: Vec<PodObject>) {
         pods.apply(Event::Init);
         for p in items {
             pods.apply(Event::InitApply(p));
@@ -588,7 +694,7 @@ mod tests {
     }
 
     /// A running pod of node-a.
-    fn running(name: &str, uid: &str, ip: &str) -> Pod {
+    fn running(name: &str, uid: &str, ip: &str) -> PodObject {
         pod(name, uid, "node-a", ip, "Running")
     }
 
@@ -631,6 +737,48 @@ mod tests {
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
         assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
         assert_eq!(gone(), ["u2", "u1"]);
+    }
+
+    /// `running`, with `hostNetwork` a string: a pod that does not parse.
+    fn malformed(name: &str, uid: &str, ip: &str) -> PodObject {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"nodeName": "node-a", "hostNetwork": "yes"},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_malformed_pod_is_refused_until_it_parses_and_its_list_is_used() {
+        let (pods, gone) = pods_without_api();
+        list(
+            &pods,
+            vec![
+                malformed("a", "u1", "10.0.0.1"),
+                running("b", "u2", "10.0.0.2"),
+            ],
+        );
+        assert!(pods.is_synced());
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::Malformed));
+        assert_eq!(ask(&pods, "u2", "10.0.0.2").await, Ok(()));
+        // Mended by an event; broken again by a relist: refused, but not taken for gone.
+        pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Ok(()));
+        list(
+            &pods,
+            vec![
+                malformed("a", "u1", "10.0.0.1"),
+                running("b", "u2", "10.0.0.2"),
+            ],
+        );
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::Malformed));
+        assert!(gone.lock().unwrap().is_empty());
+        // A deletion is believed from the UID, however the rest reads; it is final.
+        pods.apply(Event::Delete(malformed("a", "u1", "10.0.0.1")));
+        pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
+        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(*gone.lock().unwrap(), ["u1"]);
     }
 
     #[test]

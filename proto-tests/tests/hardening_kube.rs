@@ -1,5 +1,5 @@
 //! What the agent takes from the Kubernetes API server, when the server (or whatever sits
-//! between) is broken or hostile: answers that never end. An attesting agent
+//! between) is broken or hostile: answers that never end, and a pod that does not parse. An attesting agent
 //! (`--caller-attestation pod`) against the fake API server; pod IPs are source addresses in
 //! 127.0.0.0/8, as in `attestation.rs`.
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 use proto_tests::fakes::kube_api::RequestKind;
 use proto_tests::http::RawResponse;
 use proto_tests::{metrics, Agent, FakeKubeApi, GetAnswer, KubePod, Pod, TestBed};
+use serde_json::json;
 use tokio::time::Instant;
 
 const NODE: &str = "node-a";
@@ -24,6 +25,8 @@ const GROWTH_ALLOWED_MIB: f64 = 2.0 * OBJECT_BOUND_MIB + 16.0;
 /// What the hostile watch event sends: many times the bound, so an agent that buffers it
 /// whole shows it, yet little enough to stream through TLS on loopback in seconds.
 const HOSTILE_EVENT_BYTES: usize = 64 << 20;
+/// A log line longer than this is a flood of its own (`agent/src/logging.rs::MAX_LINE_BYTES`).
+const MAX_LOG_LINE: usize = 4096;
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
@@ -91,6 +94,16 @@ impl Memory {
         std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
             .expect("reset the agent's peak RSS");
     }
+}
+
+/// The longest line the agent has logged, and its start.
+fn longest_log_line(agent: &Agent) -> (usize, String) {
+    agent
+        .logs()
+        .into_iter()
+        .map(|l| (l.len(), l.chars().take(300).collect::<String>()))
+        .max_by_key(|(n, _)| *n)
+        .unwrap_or_default()
 }
 
 /// A watch event that never ends its line: the agent drops the stream at its bound (and
@@ -193,4 +206,125 @@ async fn an_endless_pod_lookup_answer_is_503_within_5s_and_memory_stays_bounded(
 
     api.set_get_answer(GetAnswer::Pod);
     assert_served(&bed, ip(30), &token).await;
+}
+
+/// One pod with a field of the wrong type (`"hostNetwork": "yes"`) among good ones, in the
+/// list and later in a watch event: the agent becomes ready, serves the good pods, counts
+/// the bad one and refuses its token without a lookup, and logs no line of the list's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_pod_is_skipped_and_the_others_are_served() {
+    let api = FakeKubeApi::start().await;
+    let good: Vec<Pod> = (0..40)
+        .map(|i| Pod::new("team-a", "app", &format!("app-{i}")))
+        .collect();
+    for (i, pod) in good.iter().enumerate() {
+        api.add_pod(KubePod::of(pod, NODE, ip(10 + i as u8)));
+    }
+    let broken = Pod::new("team-b", "batch", "broken-0");
+    api.add_pod(KubePod::of(&broken, NODE, ip(60)).raw_field("/spec/hostNetwork", json!("yes")));
+    let bed = TestBed::builder()
+        .args(["--node-name", NODE, "--caller-attestation", "pod"])
+        .env("KUBECONFIG", api.kubeconfig())
+        .wait_ready(false)
+        .start()
+        .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ready = bed.agent.probe("/readyz").await;
+        if ready.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {ready:?}; longest log line {:?}",
+            longest_log_line(&bed.agent)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_served(&bed, ip(10), &bed.token(&good[0])).await;
+    assert_served(&bed, ip(49), &bed.token(&good[39])).await;
+    assert_refused(
+        &bed.agent
+            .fetch_credentials_from(ip(60), &bed.token(&broken))
+            .await,
+        403,
+        "PodMalformed",
+    );
+    assert_eq!(
+        metric(
+            &bed,
+            "pod_identity_agent_malformed_pods_total{source=\"list\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(api.gets(), 0, "remembered as malformed: no lookup");
+    assert_eq!(bed.upstream.calls(), 2);
+
+    // A watch event that breaks a known pod: refused until a good version arrives.
+    let changed = &good[1];
+    let token = bed.token(changed);
+    assert_served(&bed, ip(11), &token).await;
+    api.update_pod(KubePod::of(changed, NODE, ip(11)).raw_field("/spec/hostNetwork", json!(1)));
+    bed.agent
+        .wait_for_metric(
+            "pod_identity_agent_malformed_pods_total{source=\"watch\"}",
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    assert_refused(
+        &bed.agent.fetch_credentials_from(ip(11), &token).await,
+        403,
+        "PodMalformed",
+    );
+    api.update_pod(KubePod::of(changed, NODE, ip(11)));
+    bed.agent
+        .wait_for_metric("pod_identity_agent_pods_known", |v| v == 40.0, WAIT)
+        .await;
+    assert_served(&bed, ip(11), &token).await;
+
+    let (longest, start) = longest_log_line(&bed.agent);
+    assert!(
+        longest <= MAX_LOG_LINE,
+        "a log line of {longest} bytes: {start}"
+    );
+}
+
+/// A pod lookup answered with a large body that is not JSON: the lookup fails (503), and
+/// the answer reaches the log only shortened, although the Kubernetes client logs the whole
+/// body it could not parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_answer_that_is_not_json_reaches_the_log_shortened() {
+    let api = FakeKubeApi::start().await;
+    let bed = attesting_bed(&api).await;
+    let new = Pod::new("team-a", "app", "app-new");
+    api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
+    api.set_get_answer(GetAnswer::NotJson(256 * 1024));
+    let response = bed
+        .agent
+        .fetch_credentials_from(ip(30), &bed.token(&new))
+        .await;
+    assert_refused(&response, 503, "PodLookupFailed");
+    let deadline = Instant::now() + WAIT;
+    while !bed.agent.logs_text().contains("pod lookup failed") {
+        assert!(Instant::now() < deadline, "{}", bed.agent.logs_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (longest, start) = longest_log_line(&bed.agent);
+    assert!(
+        longest <= MAX_LOG_LINE,
+        "a log line of {longest} bytes: {start}"
+    );
+    assert!(
+        bed.agent
+            .log_records()
+            .iter()
+            .all(|r| r.is_object() && r.get("level").is_some()),
+        "shortened lines are still JSON objects"
+    );
+    assert!(
+        bed.agent.logs_text().contains("this is not JSON"),
+        "the start of the answer is still logged"
+    );
 }
