@@ -71,6 +71,7 @@ TABLE = {
     "kube-body-bound": ("hardening_kube", "an_unterminated_watch_event_is_dropped_and_memory_stays_bounded"),
     "lenient-pod-list": ("hardening_kube", "a_malformed_pod_is_skipped_and_the_others_are_served"),
     "log-line-bound": ("hardening_kube", "an_api_answer_that_is_not_json_reaches_the_log_shortened"),
+    "pod-identity-match": ("hardening_kube", "a_token_pairing_a_pods_uid_with_another_identity_is_refused"),
 }
 
 

@@ -65,6 +65,7 @@ defences! {
     KubeBodyBound => "kube-body-bound",
     LenientPodList => "lenient-pod-list",
     LogLineBound => "log-line-bound",
+    PodIdentityMatch => "pod-identity-match",
 }
 
 impl Defence {

@@ -3,9 +3,10 @@
 //!
 //! One `kube` watcher lists and watches `/api/v1/pods?fieldSelector=spec.nodeName=<node>`
 //! (relists, `410 Gone` and backoff as `kube::runtime::watcher` does them) into a map from pod
-//! UID to what a caller of that pod must match: its `status.podIPs`, or, for a
+//! UID to what a token and a caller of that pod must match: the pod's namespace, name and
+//! service account (the token's other claims), and its `status.podIPs`, or, for a
 //! `spec.hostNetwork` pod, one of the host's own addresses. A request costs one read-locked
-//! hash lookup. A pod the watch has not delivered yet is read once with a GET, bounded in
+//! hash lookup and a few string compares. A pod the watch has not delivered yet is read once with a GET, bounded in
 //! rate and concurrency; a pod that is deleted or has terminated is remembered (bounded) so
 //! its tokens are refused without asking the API server again, and the cache is told at once.
 //! Pods are read as [`PodObject`]s, so one that does not parse is counted, remembered and
@@ -25,6 +26,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::{watch, Semaphore};
 
+use crate::defence::{self, Defence};
 use crate::kube_api::{error_text, LastContact};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
@@ -68,6 +70,10 @@ pub enum Refusal {
     LookupFailed,
     #[error("the Kubernetes API server's description of the token's pod does not parse")]
     Malformed,
+    #[error(
+        "the token's namespace, service account or pod name is not that of the pod with its UID"
+    )]
+    Mismatch,
 }
 
 impl Refusal {
@@ -81,6 +87,7 @@ impl Refusal {
             Refusal::LookupLimited => "PodLookupLimited",
             Refusal::LookupFailed => "PodLookupFailed",
             Refusal::Malformed => "PodMalformed",
+            Refusal::Mismatch => "PodMismatch",
         }
     }
 
@@ -93,9 +100,24 @@ impl Refusal {
     }
 }
 
-/// What a caller of a live pod must match.
+/// What a verified token says of its pod: all of it must be the live pod's, not the UID
+/// alone, or a token signed for one identity with another pod's UID would pass as that pod.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPod<'a> {
+    pub uid: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// Absent from a token not bound to a pod by name, which then matches none.
+    pub name: Option<&'a str>,
+}
+
+/// What a token and a caller of a live pod must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PodFacts {
+    namespace: Box<str>,
+    name: Box<str>,
+    /// `spec.serviceAccountName`.
+    service_account: Box<str>,
     ips: Box<[IpAddr]>,
     host_network: bool,
     /// When the agent learned of the pod (a relist keeps pods learned while it ran).
@@ -187,8 +209,19 @@ struct Relist {
     malformed: Vec<Box<str>>,
 }
 
+impl PodFacts {
+    /// The token names this pod, not only its UID.
+    fn is_named_by(&self, token: &TokenPod<'_>) -> bool {
+        *self.namespace == *token.namespace
+            && *self.service_account == *token.service_account
+            && token.name == Some(&*self.name)
+    }
+}
+
 /// What the pod set says of a token's pod and a source address.
 enum Seen {
+    /// A live pod with this UID but another namespace, service account or name.
+    Mismatch,
     Caller,
     HostNetworkPod,
     NotCaller,
@@ -267,27 +300,22 @@ impl NodePods {
         self.contact.age()
     }
 
-    /// Serve a request for pod `uid` (named `namespace`/`name` in its token) from `peer`?
-    pub async fn check(
-        self: &Arc<Self>,
-        uid: &str,
-        namespace: &str,
-        name: Option<&str>,
-        peer: IpAddr,
-    ) -> Result<(), Refusal> {
+    /// Serve a request with a token for `pod` from `peer`?
+    pub async fn check(self: &Arc<Self>, pod: TokenPod<'_>, peer: IpAddr) -> Result<(), Refusal> {
         if !self.is_synced() {
             return Err(Refusal::NotSynced);
         }
         let peer = peer.to_canonical();
-        let mut seen = self.seen(uid, peer);
+        let mut seen = self.seen(&pod, peer);
         if matches!(seen, Seen::Unknown) {
-            let Some(name) = name else {
+            let Some(name) = pod.name else {
                 return Err(Refusal::UnknownPod);
             };
-            self.look_up(namespace, name, uid).await?;
-            seen = self.seen(uid, peer);
+            self.look_up(pod.namespace, name, pod.uid).await?;
+            seen = self.seen(&pod, peer);
         }
         match seen {
+            Seen::Mismatch => Err(Refusal::Mismatch),
             Seen::Caller => Ok(()),
             Seen::HostNetworkPod if self.is_host_address(peer) => Ok(()),
             Seen::HostNetworkPod => Err(Refusal::CallerNotPod),
@@ -299,9 +327,13 @@ impl NodePods {
         }
     }
 
-    fn seen(&self, uid: &str, peer: IpAddr) -> Seen {
+    fn seen(&self, token: &TokenPod<'_>, peer: IpAddr) -> Seen {
+        let uid = token.uid;
         let state = self.read();
         match state.live.get(uid) {
+            Some(pod) if !pod.is_named_by(token) && defence::on(Defence::PodIdentityMatch) => {
+                Seen::Mismatch
+            }
             Some(pod) if pod.host_network => Seen::HostNetworkPod,
             Some(pod) if pod.ips.contains(&peer) => Seen::Caller,
             Some(_) => Seen::NotCaller,
@@ -443,9 +475,13 @@ impl NodePods {
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
             );
         }
+        let text = |s: Option<&String>| Box::<str>::from(s.map_or("", String::as_str));
         Some((
             uid.into(),
             PodFacts {
+                namespace: text(pod.metadata.namespace.as_ref()),
+                name: text(pod.metadata.name.as_ref()),
+                service_account: text(spec.service_account_name.as_ref()),
                 ips: ips.into_iter().map(|ip| ip.to_canonical()).collect(),
                 host_network: spec.host_network.unwrap_or(false),
                 since: now,
@@ -662,7 +698,7 @@ mod tests {
     fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> PodObject {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "uid": uid},
-            "spec": {"nodeName": node, "containers": [{"name": "app"}]},
+            "spec": {"nodeName": node, "serviceAccountName": "sa", "containers": [{"name": "app"}]},
             "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
         }))
         .unwrap()
@@ -698,16 +734,26 @@ mod tests {
         pod(name, uid, "node-a", ip, "Running")
     }
 
-    /// What a request with pod `uid`'s token from `ip` gets.
-    async fn ask(pods: &Arc<NodePods>, uid: &str, ip: &str) -> Result<(), Refusal> {
-        pods.check(uid, "ns", None, ip.parse().unwrap()).await
+    /// What a request with the token of pod `name` (`uid`, in `ns`, service account `sa`)
+    /// from `ip` gets.
+    async fn ask(pods: &Arc<NodePods>, name: &str, uid: &str, ip: &str) -> Result<(), Refusal> {
+        let token = TokenPod {
+            uid,
+            namespace: "ns",
+            service_account: "sa",
+            name: Some(name),
+        };
+        pods.check(token, ip.parse().unwrap()).await
     }
 
     #[tokio::test]
     async fn a_relist_forgets_pods_that_vanished_and_keeps_the_rest() {
         let (pods, gone) = pods_without_api();
         let gone = || gone.lock().unwrap().clone();
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::NotSynced));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::NotSynced)
+        );
         list(
             &pods,
             vec![
@@ -719,23 +765,32 @@ mod tests {
         );
         assert!(pods.is_synced());
         assert_eq!(pods.live_count(), 2, "ended and foreign pods are not live");
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Ok(()));
+        assert_eq!(ask(&pods, "a", "u1", "10.0.0.1").await, Ok(()));
         // The watch broke; the relist no longer has u2: it was deleted meanwhile.
         list(&pods, vec![running("a", "u1", "10.0.0.1")]);
         assert_eq!(gone(), ["u2"]);
-        assert_eq!(ask(&pods, "u2", "10.0.0.2").await, Err(Refusal::PodGone));
+        assert_eq!(
+            ask(&pods, "b", "u2", "10.0.0.2").await,
+            Err(Refusal::PodGone)
+        );
         // A deletion event, then an IP reuse by a new pod.
         pods.apply(Event::Delete(running("a", "u1", "10.0.0.1")));
         pods.apply(Event::Apply(running("a", "u5", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
-        assert_eq!(ask(&pods, "u5", "10.0.0.1").await, Ok(()));
         assert_eq!(
-            ask(&pods, "u5", "10.0.0.9").await,
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
+        assert_eq!(ask(&pods, "a", "u5", "10.0.0.1").await, Ok(()));
+        assert_eq!(
+            ask(&pods, "a", "u5", "10.0.0.9").await,
             Err(Refusal::CallerNotPod)
         );
         // A late MODIFIED for a deleted pod does not bring it back.
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
         assert_eq!(gone(), ["u2", "u1"]);
     }
 
@@ -743,7 +798,7 @@ mod tests {
     fn malformed(name: &str, uid: &str, ip: &str) -> PodObject {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "uid": uid},
-            "spec": {"nodeName": "node-a", "hostNetwork": "yes"},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "sa", "hostNetwork": "yes"},
             "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
         }))
         .unwrap()
@@ -760,11 +815,14 @@ mod tests {
             ],
         );
         assert!(pods.is_synced());
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::Malformed));
-        assert_eq!(ask(&pods, "u2", "10.0.0.2").await, Ok(()));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::Malformed)
+        );
+        assert_eq!(ask(&pods, "b", "u2", "10.0.0.2").await, Ok(()));
         // Mended by an event; broken again by a relist: refused, but not taken for gone.
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Ok(()));
+        assert_eq!(ask(&pods, "a", "u1", "10.0.0.1").await, Ok(()));
         list(
             &pods,
             vec![
@@ -772,13 +830,57 @@ mod tests {
                 running("b", "u2", "10.0.0.2"),
             ],
         );
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::Malformed));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::Malformed)
+        );
         assert!(gone.lock().unwrap().is_empty());
         // A deletion is believed from the UID, however the rest reads; it is final.
         pods.apply(Event::Delete(malformed("a", "u1", "10.0.0.1")));
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
         assert_eq!(*gone.lock().unwrap(), ["u1"]);
+    }
+
+    #[tokio::test]
+    async fn a_token_must_name_the_pod_of_its_uid() {
+        let (pods, _) = pods_without_api();
+        list(&pods, vec![running("a", "u1", "10.0.0.1")]);
+        let ip = "10.0.0.1".parse().unwrap();
+        let token = TokenPod {
+            uid: "u1",
+            namespace: "ns",
+            service_account: "sa",
+            name: Some("a"),
+        };
+        assert_eq!(pods.check(token, ip).await, Ok(()));
+        for other in [
+            TokenPod {
+                namespace: "other",
+                ..token
+            },
+            TokenPod {
+                service_account: "admin",
+                ..token
+            },
+            TokenPod {
+                name: Some("b"),
+                ..token
+            },
+            TokenPod {
+                name: None,
+                ..token
+            },
+        ] {
+            assert_eq!(
+                pods.check(other, ip).await,
+                Err(Refusal::Mismatch),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]

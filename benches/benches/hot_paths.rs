@@ -210,7 +210,8 @@ fn attestation_for(pods: &[Pod]) -> Attestation {
     for (i, pod) in pods.iter().enumerate() {
         let object: PodObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "app"}]},
+            "spec": {"nodeName": "node-a", "serviceAccountName": pod.service_account,
+                     "containers": [{"name": "app"}]},
             "status": {"phase": "Running", "podIPs": [{"ip": pod_ip(i).to_string()}]},
         }))
         .expect("pod object");

@@ -1,5 +1,6 @@
 //! What the agent takes from the Kubernetes API server, when the server (or whatever sits
-//! between) is broken or hostile: answers that never end, and a pod that does not parse. An attesting agent
+//! between) is broken or hostile: answers that never end, a pod that does not parse, and a
+//! validly signed token that pairs one pod's UID with another identity. An attesting agent
 //! (`--caller-attestation pod`) against the fake API server; pod IPs are source addresses in
 //! 127.0.0.0/8, as in `attestation.rs`.
 
@@ -327,4 +328,47 @@ async fn an_api_answer_that_is_not_json_reaches_the_log_shortened() {
         bed.agent.logs_text().contains("this is not JSON"),
         "the start of the answer is still logged"
     );
+}
+
+/// A validly signed token that carries pod A's UID with another namespace, service account
+/// or pod name, sent from A's IP, is refused: the watched pod's identity must be the token's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pairing_a_pods_uid_with_another_identity_is_refused() {
+    let api = FakeKubeApi::start().await;
+    let app = Pod::new("team-a", "app", "app-0");
+    api.add_pod(KubePod::of(&app, NODE, ip(10)));
+    let bed = attesting_bed(&api).await;
+    let forged = [
+        Pod {
+            namespace: "team-b".into(),
+            ..app.clone()
+        },
+        Pod {
+            service_account: "admin".into(),
+            ..app.clone()
+        },
+        Pod {
+            name: "app-1".into(),
+            ..app.clone()
+        },
+    ];
+    for pod in &forged {
+        let response = bed
+            .agent
+            .fetch_credentials_from(ip(10), &bed.token(pod))
+            .await;
+        assert_refused(&response, 403, "PodMismatch");
+    }
+    assert_eq!(bed.upstream.calls(), 0, "no upstream call for a refusal");
+    assert_eq!(api.gets(), 0);
+    assert_eq!(
+        metric(
+            &bed,
+            "pod_identity_agent_token_rejections_total{reason=\"PodMismatch\"}"
+        )
+        .await,
+        3.0
+    );
+    assert_served(&bed, ip(10), &bed.token(&app)).await;
+    assert_eq!(bed.upstream.calls(), 1);
 }
