@@ -210,8 +210,9 @@ async fn an_endless_pod_lookup_answer_is_503_within_5s_and_memory_stays_bounded(
 }
 
 /// One pod with a field of the wrong type (`"hostNetwork": "yes"`) among good ones, in the
-/// list and later in a watch event: the agent becomes ready, serves the good pods, counts
-/// the bad one and refuses its token without a lookup, and logs no line of the list's size.
+/// list, later in a watch event and in a lookup's answer: the agent becomes ready, serves
+/// the good pods, counts the bad one and refuses its token (without a lookup when the list
+/// or the watch said so), and logs no line of the list's size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_pod_is_skipped_and_the_others_are_served() {
     let api = FakeKubeApi::start().await;
@@ -284,6 +285,32 @@ async fn a_malformed_pod_is_skipped_and_the_others_are_served() {
         .wait_for_metric("pod_identity_agent_pods_known", |v| v == 40.0, WAIT)
         .await;
     assert_served(&bed, ip(11), &token).await;
+
+    // A pod the watch never delivered, read by a lookup that does not parse: refused, and
+    // remembered, so its next request costs no read.
+    let late = Pod::new("team-b", "batch", "late-0");
+    api.add_pod_unannounced(
+        KubePod::of(&late, NODE, ip(61)).raw_field("/status/podIPs", json!("x")),
+    );
+    for _ in 0..2 {
+        assert_refused(
+            &bed.agent
+                .fetch_credentials_from(ip(61), &bed.token(&late))
+                .await,
+            403,
+            "PodMalformed",
+        );
+    }
+    assert_eq!(api.gets(), 1);
+    assert_eq!(
+        metric(
+            &bed,
+            "pod_identity_agent_pod_lookups_total{result=\"malformed\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(bed.upstream.calls(), 3);
 
     let (longest, start) = longest_log_line(&bed.agent);
     assert!(
