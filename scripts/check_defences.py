@@ -70,6 +70,10 @@ TABLE = {
     "servable-margin": ("hardening", "short_credentials_are_never_served_inside_the_15s_margin"),
     "closed-error-codes": ("hardening_upstream", "the_upstreams_error_type_reaches_the_pod_only_from_a_closed_set"),
     "strict-claims": ("hardening_upstream", "lenient_claims_are_refused_even_when_signed_by_the_real_key"),
+    "kube-body-bound": ("hardening_kube", "an_unterminated_watch_event_is_dropped_and_memory_stays_bounded"),
+    "lenient-pod-list": ("hardening_kube", "a_malformed_pod_is_skipped_and_the_others_are_served"),
+    "log-line-bound": ("hardening_kube", "an_api_answer_that_is_not_json_reaches_the_log_shortened"),
+    "pod-identity-match": ("hardening_kube", "a_token_pairing_a_pods_uid_with_another_identity_is_refused"),
 }
 
 

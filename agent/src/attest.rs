@@ -4,14 +4,15 @@
 //! - Node: since Kubernetes 1.30 a pod-bound token names the node its pod was scheduled to
 //!   (`kubernetes.io.node.name`, KEP-4193); a token naming another node was copied out of its
 //!   pod.
-//! - Caller (`--caller-attestation pod`): the token's pod is a live pod of this node and the
-//!   connection comes from one of its IPs ([`crate::pods`]).
+//! - Caller (`--caller-attestation pod`): the token's pod is a live pod of this node, with
+//!   the token's namespace, service account and pod name, and the connection comes from one
+//!   of its IPs ([`crate::pods`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::defence::{self, Defence};
-use crate::pods::{NodePods, Refusal};
+use crate::pods::{NodePods, Refusal, TokenPod};
 use crate::token::Identity;
 
 /// `--node-name` and `--require-node-claim`.
@@ -74,8 +75,13 @@ impl Attestation {
         let Some(uid) = &claims.pod_uid else {
             return Err(AttestError::PodClaimMissing);
         };
-        pods.check(uid, &claims.namespace, claims.pod_name.as_deref(), peer)
-            .await?;
+        let pod = TokenPod {
+            uid,
+            namespace: &claims.namespace,
+            service_account: &claims.service_account,
+            name: claims.pod_name.as_deref(),
+        };
+        pods.check(pod, peer).await?;
         Ok(())
     }
 }

@@ -64,6 +64,10 @@ defences! {
     ServableMargin => "servable-margin",
     ClosedErrorCodes => "closed-error-codes",
     StrictClaims => "strict-claims",
+    KubeBodyBound => "kube-body-bound",
+    LenientPodList => "lenient-pod-list",
+    LogLineBound => "log-line-bound",
+    PodIdentityMatch => "pod-identity-match",
 }
 
 impl Defence {

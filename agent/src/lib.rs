@@ -22,6 +22,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
+pub mod pod_object;
 pub mod pods;
 pub mod server;
 pub mod shutdown;

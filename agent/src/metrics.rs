@@ -238,6 +238,9 @@ families! {
     /// Single-pod reads for pods the watch had not delivered, by result
     #[only(pod_watch)]
     pod_lookups: CounterVec,
+    /// Pods from the Kubernetes API server that did not parse, by source (list, watch, get): skipped, their tokens refused
+    #[only(pod_watch)]
+    malformed_pods: CounterVec,
     /// Requests to the Kubernetes API server by kind (list, watch, get, keys, other)
     #[only(kubernetes_api)]
     kubernetes_requests: CounterVec,
@@ -247,6 +250,9 @@ families! {
     /// Attempts to remove --startup-taint by result: removed, absent, conflict, error
     #[only(startup_taint)]
     startup_taint_attempts: CounterVec,
+    /// Answers of the Kubernetes API server cut off at their size bound (a watch line, a list page, an object), by request kind
+    #[only(kubernetes_api)]
+    kubernetes_oversized_answers: CounterVec,
 }
 
 /// Counters of one label: the method that counts, the label's name, and the family.
@@ -263,7 +269,9 @@ macro_rules! counted_by_label {
 counted_by_label! {
     token_rejected("reason") => token_rejections;
     pod_lookup("result") => pod_lookups;
+    malformed_pod("source") => malformed_pods;
     kubernetes_request("kind") => kubernetes_requests;
+    kubernetes_oversized_answer("kind") => kubernetes_oversized_answers;
     eviction("reason") => cache_evictions;
     refresh("outcome") => refreshes;
     rate_limited("scope") => rate_limited;
@@ -402,7 +410,9 @@ mod tests {
             "startup_taint_attempts",
             "startup_taint_removal_seconds",
             "pod_lookups",
+            "malformed_pods",
             "kubernetes_requests",
+            "kubernetes_oversized_answers",
             "associations",
             "association_reloads",
         ] {

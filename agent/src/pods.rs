@@ -3,11 +3,14 @@
 //!
 //! One `kube` watcher lists and watches `/api/v1/pods?fieldSelector=spec.nodeName=<node>`
 //! (relists, `410 Gone` and backoff as `kube::runtime::watcher` does them) into a map from pod
-//! UID to what a caller of that pod must match: its `status.podIPs`, or, for a
+//! UID to what a token and a caller of that pod must match: the pod's namespace, name and
+//! service account (the token's other claims), and its `status.podIPs`, or, for a
 //! `spec.hostNetwork` pod, one of the host's own addresses. A request costs one read-locked
-//! hash lookup. A pod the watch has not delivered yet is read once with a GET, bounded in
+//! hash lookup and a few string compares. A pod the watch has not delivered yet is read once with a GET, bounded in
 //! rate and concurrency; a pod that is deleted or has terminated is remembered (bounded) so
 //! its tokens are refused without asking the API server again, and the cache is told at once.
+//! Pods are read as [`PodObject`]s, so one that does not parse is counted, remembered and
+//! refused while the rest of its list is used.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,18 +21,19 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::{watch, Semaphore};
 
-use crate::kube_api::LastContact;
+use crate::defence::{self, Defence};
+use crate::kube_api::{error_text, LastContact};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::pod_object::{PodFields, PodObject};
 use crate::sync;
 
-/// Pods remembered as gone, so replays of their tokens cost no API call.
+/// Pods remembered as gone (or malformed), so replays of their tokens cost no API call.
 const MAX_GONE: usize = 16_384;
 /// How long a gone pod is remembered. After that a replay costs one GET (and is refused).
 const GONE_TTL: Duration = Duration::from_secs(3600);
@@ -64,6 +68,12 @@ pub enum Refusal {
     LookupLimited,
     #[error("the Kubernetes API server did not answer the pod lookup; retry shortly")]
     LookupFailed,
+    #[error("the Kubernetes API server's description of the token's pod does not parse")]
+    Malformed,
+    #[error(
+        "the token's namespace, service account or pod name is not that of the pod with its UID"
+    )]
+    Mismatch,
 }
 
 impl Refusal {
@@ -76,6 +86,8 @@ impl Refusal {
             Refusal::HostNetworkOnly => "HostNetworkOnly",
             Refusal::LookupLimited => "PodLookupLimited",
             Refusal::LookupFailed => "PodLookupFailed",
+            Refusal::Malformed => "PodMalformed",
+            Refusal::Mismatch => "PodMismatch",
         }
     }
 
@@ -88,9 +100,24 @@ impl Refusal {
     }
 }
 
-/// What a caller of a live pod must match.
+/// What a verified token says of its pod: all of it must be the live pod's, not the UID
+/// alone, or a token signed for one identity with another pod's UID would pass as that pod.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPod<'a> {
+    pub uid: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// Absent from a token not bound to a pod by name, which then matches none.
+    pub name: Option<&'a str>,
+}
+
+/// What a token and a caller of a live pod must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PodFacts {
+    namespace: Box<str>,
+    name: Box<str>,
+    /// `spec.serviceAccountName`.
+    service_account: Box<str>,
     ips: Box<[IpAddr]>,
     host_network: bool,
     /// When the agent learned of the pod (a relist keeps pods learned while it ran).
@@ -114,6 +141,8 @@ enum Absent {
     Ended,
     /// The API server has no such pod on this node (another node's, or none at all).
     NotHere,
+    /// The API server's last word on the pod did not parse; a well-formed one replaces it.
+    Malformed,
 }
 
 impl State {
@@ -142,10 +171,57 @@ impl State {
             .filter(|(at, _)| now.duration_since(*at) < GONE_TTL)
             .map(|(_, why)| *why)
     }
+
+    /// Its tokens are refused until a version that parses arrives; an ended pod stays
+    /// ended. True if it was not known to be malformed already.
+    fn mark_malformed(&mut self, uid: &str, now: Instant) -> bool {
+        match self.absent(uid, now) {
+            Some(Absent::Ended) => false,
+            Some(Absent::Malformed) => {
+                self.live.remove(uid);
+                false
+            }
+            _ => {
+                self.bury(uid, now, Absent::Malformed);
+                true
+            }
+        }
+    }
+
+    /// A version of the pod that parses: live, unless it ended or was found elsewhere.
+    fn revive(&mut self, uid: Box<str>, facts: PodFacts, now: Instant) {
+        match self.absent(&uid, now) {
+            None => {}
+            Some(Absent::Malformed) => {
+                self.gone.remove(&uid);
+            }
+            Some(Absent::Ended | Absent::NotHere) => return,
+        }
+        self.live.insert(uid, facts);
+    }
+}
+
+/// A list in progress: between the watcher's `Init` and `InitDone`.
+struct Relist {
+    started: Instant,
+    pods: PodMap,
+    /// UIDs of the listed pods that did not parse.
+    malformed: Vec<Box<str>>,
+}
+
+impl PodFacts {
+    /// The token names this pod, not only its UID.
+    fn is_named_by(&self, token: &TokenPod<'_>) -> bool {
+        *self.namespace == *token.namespace
+            && *self.service_account == *token.service_account
+            && token.name == Some(&*self.name)
+    }
 }
 
 /// What the pod set says of a token's pod and a source address.
 enum Seen {
+    /// A live pod with this UID but another namespace, service account or name.
+    Mismatch,
     Caller,
     HostNetworkPod,
     NotCaller,
@@ -173,9 +249,7 @@ pub struct NodePods {
     lookup_budget: Mutex<TokenBucket>,
     lookup_slots: Semaphore,
     lookups_in_flight: Mutex<HashMap<Box<str>, Lookup>>,
-    /// The pods of a list in progress (between the watcher's `Init` and `InitDone`), and when
-    /// it began.
-    relist: Mutex<Option<(Instant, PodMap)>>,
+    relist: Mutex<Option<Relist>>,
     host_addrs: Mutex<(Option<Instant>, Vec<IpAddr>)>,
 }
 
@@ -226,40 +300,40 @@ impl NodePods {
         self.contact.age()
     }
 
-    /// Serve a request for pod `uid` (named `namespace`/`name` in its token) from `peer`?
-    pub async fn check(
-        self: &Arc<Self>,
-        uid: &str,
-        namespace: &str,
-        name: Option<&str>,
-        peer: IpAddr,
-    ) -> Result<(), Refusal> {
+    /// Serve a request with a token for `pod` from `peer`?
+    pub async fn check(self: &Arc<Self>, pod: TokenPod<'_>, peer: IpAddr) -> Result<(), Refusal> {
         if !self.is_synced() {
             return Err(Refusal::NotSynced);
         }
         let peer = peer.to_canonical();
-        let mut seen = self.seen(uid, peer);
+        let mut seen = self.seen(&pod, peer);
         if matches!(seen, Seen::Unknown) {
-            let Some(name) = name else {
+            let Some(name) = pod.name else {
                 return Err(Refusal::UnknownPod);
             };
-            self.look_up(namespace, name, uid).await?;
-            seen = self.seen(uid, peer);
+            self.look_up(pod.namespace, name, pod.uid).await?;
+            seen = self.seen(&pod, peer);
         }
         match seen {
+            Seen::Mismatch => Err(Refusal::Mismatch),
             Seen::Caller => Ok(()),
             Seen::HostNetworkPod if self.is_host_address(peer) => Ok(()),
             Seen::HostNetworkPod => Err(Refusal::CallerNotPod),
             Seen::NotCaller if self.is_host_address(peer) => Err(Refusal::HostNetworkOnly),
             Seen::NotCaller => Err(Refusal::CallerNotPod),
             Seen::Absent(Absent::Ended) => Err(Refusal::PodGone),
+            Seen::Absent(Absent::Malformed) => Err(Refusal::Malformed),
             Seen::Absent(Absent::NotHere) | Seen::Unknown => Err(Refusal::UnknownPod),
         }
     }
 
-    fn seen(&self, uid: &str, peer: IpAddr) -> Seen {
+    fn seen(&self, token: &TokenPod<'_>, peer: IpAddr) -> Seen {
+        let uid = token.uid;
         let state = self.read();
         match state.live.get(uid) {
+            Some(pod) if !pod.is_named_by(token) && defence::on(Defence::PodIdentityMatch) => {
+                Seen::Mismatch
+            }
             Some(pod) if pod.host_network => Seen::HostNetworkPod,
             Some(pod) if pod.ips.contains(&peer) => Seen::Caller,
             Some(_) => Seen::NotCaller,
@@ -320,12 +394,12 @@ impl NodePods {
             self.metrics.pod_lookup("limited");
             return Err(Refusal::LookupLimited);
         };
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let api: Api<PodObject> = Api::namespaced(self.client.clone(), namespace);
         let pod = match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
             Ok(Ok(pod)) => pod,
             Ok(Err(e)) => {
                 self.metrics.pod_lookup("error");
-                tracing::warn!(namespace, pod = name, error = %e, "pod lookup failed");
+                tracing::warn!(namespace, pod = name, error = %error_text(&e), "pod lookup failed");
                 return Err(Refusal::LookupFailed);
             }
             Err(_) => {
@@ -335,24 +409,33 @@ impl NodePods {
             }
         };
         let now = Instant::now();
-        let (result, absent) = match &pod {
+        let fields = pod.as_ref().map(|p| (p.uid(), p.fields.as_ref()));
+        let (result, absent) = match fields {
             None => ("not_found", Some(Absent::NotHere)),
-            Some(p) if p.metadata.uid.as_deref() != Some(uid) => ("other_pod", Some(Absent::Ended)),
-            Some(p)
+            Some((found, _)) if found != Some(uid) => ("other_pod", Some(Absent::Ended)),
+            Some((_, Err(why))) => {
+                self.metrics.malformed_pod("get");
+                log_malformed(namespace, name, "get", why);
+                ("malformed", None)
+            }
+            Some((_, Ok(p)))
                 if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
                     != Some(self.node.as_str()) =>
             {
                 ("other_node", Some(Absent::NotHere))
             }
-            Some(p) => match self.facts_of(p, now) {
+            Some((_, Ok(p))) => match self.facts_of(p, now) {
                 Some((found_uid, facts)) => {
-                    self.write().live.insert(found_uid, facts);
+                    self.write().revive(found_uid, facts, now);
                     ("found", None)
                 }
                 None => ("not_running", Some(Absent::Ended)),
             },
         };
         self.metrics.pod_lookup(result);
+        if result == "malformed" {
+            self.write().mark_malformed(uid, now);
+        }
         if let Some(why) = absent {
             self.write().bury(uid, now, why);
         }
@@ -366,7 +449,7 @@ impl NodePods {
     }
 
     /// UID and caller facts of a pod of this node that has not terminated.
-    fn facts_of(&self, pod: &Pod, now: Instant) -> Option<(Box<str>, PodFacts)> {
+    fn facts_of(&self, pod: &PodFields, now: Instant) -> Option<(Box<str>, PodFacts)> {
         let uid = pod.metadata.uid.as_deref()?;
         let spec = pod.spec.as_ref()?;
         if spec.node_name.as_deref() != Some(self.node.as_str()) {
@@ -392,9 +475,13 @@ impl NodePods {
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
             );
         }
+        let text = |s: Option<&String>| Box::<str>::from(s.map_or("", String::as_str));
         Some((
             uid.into(),
             PodFacts {
+                namespace: text(pod.metadata.namespace.as_ref()),
+                name: text(pod.metadata.name.as_ref()),
+                service_account: text(spec.service_account_name.as_ref()),
                 ips: ips.into_iter().map(|ip| ip.to_canonical()).collect(),
                 host_network: spec.host_network.unwrap_or(false),
                 since: now,
@@ -421,7 +508,7 @@ impl NodePods {
         watch_timeout: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let api: Api<Pod> = Api::all(self.client.clone());
+        let api: Api<PodObject> = Api::all(self.client.clone());
         let config = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", self.node))
             .timeout(watch_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
@@ -435,7 +522,7 @@ impl NodePods {
                 Some(Ok(event)) => self.apply(event),
                 Some(Err(e)) => {
                     self.metrics.pod_watch_errors.inc();
-                    tracing::warn!(error = %e, synced = self.is_synced(), "pod watch error; retrying with backoff (the last known pods stay in force)");
+                    tracing::warn!(error = %error_text(&e), synced = self.is_synced(), "pod watch error; retrying with backoff (the last known pods stay in force)");
                 }
                 None => return,
             }
@@ -444,27 +531,47 @@ impl NodePods {
 
     /// Take one event of the watcher (public for the benches and tests, which feed events
     /// without an API server).
-    pub fn apply(&self, event: Event<Pod>) {
+    pub fn apply(&self, event: Event<PodObject>) {
         let now = Instant::now();
         let mut relist = sync::lock(&self.relist);
         match event {
-            Event::Init => *relist = Some((now, HashMap::new())),
+            Event::Init => {
+                *relist = Some(Relist {
+                    started: now,
+                    pods: HashMap::new(),
+                    malformed: Vec::new(),
+                })
+            }
             Event::InitApply(pod) => {
-                if let (Some((_, pods)), Some((uid, facts))) =
-                    (relist.as_mut(), self.facts_of(&pod, now))
-                {
-                    pods.insert(uid, facts);
+                let Some(relist) = relist.as_mut() else {
+                    return;
+                };
+                match &pod.fields {
+                    Ok(fields) => {
+                        if let Some((uid, facts)) = self.facts_of(fields, now) {
+                            relist.pods.insert(uid, facts);
+                        }
+                    }
+                    Err(why) => {
+                        self.object_malformed(&pod, "list", why, true);
+                        relist.malformed.extend(pod.uid().map(Box::from));
+                    }
                 }
             }
             Event::InitDone => {
-                let Some((started, mut pods)) = relist.take() else {
+                let Some(Relist {
+                    started,
+                    mut pods,
+                    malformed,
+                }) = relist.take()
+                else {
                     return;
                 };
                 let mut gone = Vec::new();
                 {
                     let mut state = self.write();
                     for (uid, facts) in state.live.drain() {
-                        if pods.contains_key(&uid) {
+                        if pods.contains_key(&uid) || malformed.contains(&uid) {
                             continue;
                         }
                         if facts.since >= started {
@@ -478,6 +585,9 @@ impl NodePods {
                     for uid in &gone {
                         state.bury(uid, now, Absent::Ended);
                     }
+                    for uid in &malformed {
+                        state.mark_malformed(uid, now);
+                    }
                 }
                 let first = !self.synced.swap(true, Ordering::AcqRel);
                 tracing::info!(
@@ -488,26 +598,47 @@ impl NodePods {
                 );
                 self.forget(&gone);
             }
-            Event::Apply(pod) => match self.facts_of(&pod, now) {
-                Some((uid, facts)) => {
-                    let mut state = self.write();
-                    if state.absent(&uid, now).is_none() {
-                        state.live.insert(uid, facts);
-                    }
+            Event::Apply(pod) => match &pod.fields {
+                Ok(fields) => match self.facts_of(fields, now) {
+                    Some((uid, facts)) => self.write().revive(uid, facts, now),
+                    None => self.pod_ended(&pod, now),
+                },
+                Err(why) => {
+                    // Logged once per pod: a server that repeats it must not flood the log.
+                    let new = pod
+                        .uid()
+                        .is_none_or(|uid| self.write().mark_malformed(uid, now));
+                    self.object_malformed(&pod, "watch", why, new);
                 }
-                None => self.pod_ended(&pod, now),
             },
-            Event::Delete(pod) => self.pod_ended(&pod, now),
+            Event::Delete(pod) => {
+                if let Err(why) = &pod.fields {
+                    self.object_malformed(&pod, "watch", why, true);
+                }
+                self.pod_ended(&pod, now)
+            }
         }
     }
 
-    /// A pod of this node was deleted or has terminated.
-    fn pod_ended(&self, pod: &Pod, now: Instant) {
-        let Some(uid) = pod.metadata.uid.as_deref() else {
+    fn object_malformed(&self, pod: &PodObject, source: &'static str, why: &str, log: bool) {
+        self.metrics.malformed_pod(source);
+        if log {
+            let name = |n: Option<&str>| error_text(&n.unwrap_or_default());
+            log_malformed(&name(pod.namespace()), &name(pod.name()), source, why);
+        }
+    }
+
+    /// A pod of this node was deleted or has terminated. A deletion is believed from its
+    /// UID alone, even when the rest of the object does not parse.
+    fn pod_ended(&self, pod: &PodObject, now: Instant) {
+        let Some(uid) = pod.uid() else {
             return;
         };
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str()) {
-            return;
+        if let Ok(fields) = &pod.fields {
+            if fields.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str())
+            {
+                return;
+            }
         }
         {
             let mut state = self.write();
@@ -517,8 +648,8 @@ impl NodePods {
             state.bury(uid, now, Absent::Ended);
         }
         tracing::info!(
-            namespace = pod.metadata.namespace.as_deref().unwrap_or_default(),
-            pod = pod.metadata.name.as_deref().unwrap_or_default(),
+            namespace = pod.namespace().unwrap_or_default(),
+            pod = pod.name().unwrap_or_default(),
             "pod gone; its tokens are refused and its cached credentials dropped"
         );
         self.forget(&[uid.into()]);
@@ -529,6 +660,17 @@ impl NodePods {
             (self.on_gone)(uid);
         }
     }
+}
+
+/// A pod that does not parse (`why`: bounded text).
+fn log_malformed(namespace: &str, name: &str, source: &'static str, why: &str) {
+    tracing::warn!(
+        namespace,
+        pod = name,
+        source,
+        error = why,
+        "a pod from the Kubernetes API server does not parse; its tokens are refused until it does"
+    );
 }
 
 /// The addresses of the host's interfaces (a hostNetwork caller's source is one of them).
@@ -553,10 +695,10 @@ fn host_addresses() -> Vec<IpAddr> {
 mod tests {
     use super::*;
 
-    fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> Pod {
+    fn pod(name: &str, uid: &str, node: &str, ip: &str, phase: &str) -> PodObject {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "uid": uid},
-            "spec": {"nodeName": node, "containers": [{"name": "app"}]},
+            "spec": {"nodeName": node, "serviceAccountName": "sa", "containers": [{"name": "app"}]},
             "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
         }))
         .unwrap()
@@ -579,7 +721,7 @@ mod tests {
         (pods, gone)
     }
 
-    fn list(pods: &NodePods, items: Vec<Pod>) {
+    fn list(pods: &NodePods, items: Vec<PodObject>) {
         pods.apply(Event::Init);
         for p in items {
             pods.apply(Event::InitApply(p));
@@ -588,20 +730,30 @@ mod tests {
     }
 
     /// A running pod of node-a.
-    fn running(name: &str, uid: &str, ip: &str) -> Pod {
+    fn running(name: &str, uid: &str, ip: &str) -> PodObject {
         pod(name, uid, "node-a", ip, "Running")
     }
 
-    /// What a request with pod `uid`'s token from `ip` gets.
-    async fn ask(pods: &Arc<NodePods>, uid: &str, ip: &str) -> Result<(), Refusal> {
-        pods.check(uid, "ns", None, ip.parse().unwrap()).await
+    /// What a request with the token of pod `name` (`uid`, in `ns`, service account `sa`)
+    /// from `ip` gets.
+    async fn ask(pods: &Arc<NodePods>, name: &str, uid: &str, ip: &str) -> Result<(), Refusal> {
+        let token = TokenPod {
+            uid,
+            namespace: "ns",
+            service_account: "sa",
+            name: Some(name),
+        };
+        pods.check(token, ip.parse().unwrap()).await
     }
 
     #[tokio::test]
     async fn a_relist_forgets_pods_that_vanished_and_keeps_the_rest() {
         let (pods, gone) = pods_without_api();
         let gone = || gone.lock().unwrap().clone();
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::NotSynced));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::NotSynced)
+        );
         list(
             &pods,
             vec![
@@ -613,24 +765,122 @@ mod tests {
         );
         assert!(pods.is_synced());
         assert_eq!(pods.live_count(), 2, "ended and foreign pods are not live");
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Ok(()));
+        assert_eq!(ask(&pods, "a", "u1", "10.0.0.1").await, Ok(()));
         // The watch broke; the relist no longer has u2: it was deleted meanwhile.
         list(&pods, vec![running("a", "u1", "10.0.0.1")]);
         assert_eq!(gone(), ["u2"]);
-        assert_eq!(ask(&pods, "u2", "10.0.0.2").await, Err(Refusal::PodGone));
+        assert_eq!(
+            ask(&pods, "b", "u2", "10.0.0.2").await,
+            Err(Refusal::PodGone)
+        );
         // A deletion event, then an IP reuse by a new pod.
         pods.apply(Event::Delete(running("a", "u1", "10.0.0.1")));
         pods.apply(Event::Apply(running("a", "u5", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
-        assert_eq!(ask(&pods, "u5", "10.0.0.1").await, Ok(()));
         assert_eq!(
-            ask(&pods, "u5", "10.0.0.9").await,
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
+        assert_eq!(ask(&pods, "a", "u5", "10.0.0.1").await, Ok(()));
+        assert_eq!(
+            ask(&pods, "a", "u5", "10.0.0.9").await,
             Err(Refusal::CallerNotPod)
         );
         // A late MODIFIED for a deleted pod does not bring it back.
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
-        assert_eq!(ask(&pods, "u1", "10.0.0.1").await, Err(Refusal::PodGone));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
         assert_eq!(gone(), ["u2", "u1"]);
+    }
+
+    /// `running`, with `hostNetwork` a string: a pod that does not parse.
+    fn malformed(name: &str, uid: &str, ip: &str) -> PodObject {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "sa", "hostNetwork": "yes"},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_malformed_pod_is_refused_until_it_parses_and_its_list_is_used() {
+        let (pods, gone) = pods_without_api();
+        list(
+            &pods,
+            vec![
+                malformed("a", "u1", "10.0.0.1"),
+                running("b", "u2", "10.0.0.2"),
+            ],
+        );
+        assert!(pods.is_synced());
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::Malformed)
+        );
+        assert_eq!(ask(&pods, "b", "u2", "10.0.0.2").await, Ok(()));
+        // Mended by an event; broken again by a relist: refused, but not taken for gone.
+        pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
+        assert_eq!(ask(&pods, "a", "u1", "10.0.0.1").await, Ok(()));
+        list(
+            &pods,
+            vec![
+                malformed("a", "u1", "10.0.0.1"),
+                running("b", "u2", "10.0.0.2"),
+            ],
+        );
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::Malformed)
+        );
+        assert!(gone.lock().unwrap().is_empty());
+        // A deletion is believed from the UID, however the rest reads; it is final.
+        pods.apply(Event::Delete(malformed("a", "u1", "10.0.0.1")));
+        pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
+        assert_eq!(
+            ask(&pods, "a", "u1", "10.0.0.1").await,
+            Err(Refusal::PodGone)
+        );
+        assert_eq!(*gone.lock().unwrap(), ["u1"]);
+    }
+
+    #[tokio::test]
+    async fn a_token_must_name_the_pod_of_its_uid() {
+        let (pods, _) = pods_without_api();
+        list(&pods, vec![running("a", "u1", "10.0.0.1")]);
+        let ip = "10.0.0.1".parse().unwrap();
+        let token = TokenPod {
+            uid: "u1",
+            namespace: "ns",
+            service_account: "sa",
+            name: Some("a"),
+        };
+        assert_eq!(pods.check(token, ip).await, Ok(()));
+        for other in [
+            TokenPod {
+                namespace: "other",
+                ..token
+            },
+            TokenPod {
+                service_account: "admin",
+                ..token
+            },
+            TokenPod {
+                name: Some("b"),
+                ..token
+            },
+            TokenPod {
+                name: None,
+                ..token
+            },
+        ] {
+            assert_eq!(
+                pods.check(other, ip).await,
+                Err(Refusal::Mismatch),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime};
 use benches::fake_upstream::fake_credentials;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use k8s_openapi::api::core::v1::Pod as KubePod;
 use kube::runtime::watcher::Event;
 use pod_identity_agent::attest::{Attestation, NodeBinding};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
@@ -24,6 +23,7 @@ use pod_identity_agent::config::{CacheScope, DEFAULT_AUDIENCE};
 use pod_identity_agent::http::credentials_response;
 use pod_identity_agent::keys::{KeySet, KeyStore};
 use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::pod_object::PodObject;
 use pod_identity_agent::pods::NodePods;
 use pod_identity_agent::token::{Identity, Token, VerifiedClaims, Verifier};
 use pod_identity_agent::upstream::{Backend, Credentials, FetchFuture};
@@ -208,9 +208,10 @@ fn attestation_for(pods: &[Pod]) -> Attestation {
     );
     set.apply(Event::Init);
     for (i, pod) in pods.iter().enumerate() {
-        let object: KubePod = serde_json::from_value(serde_json::json!({
+        let object: PodObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "app"}]},
+            "spec": {"nodeName": "node-a", "serviceAccountName": pod.service_account,
+                     "containers": [{"name": "app"}]},
             "status": {"phase": "Running", "podIPs": [{"ip": pod_ip(i).to_string()}]},
         }))
         .expect("pod object");

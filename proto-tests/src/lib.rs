@@ -39,7 +39,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use associations::Association;
 pub use fakes::eks_auth::{FakeEksAuth, Fault, IssuedCredentials};
 pub use fakes::jwks::FakeJwks;
-pub use fakes::kube_api::{FakeKubeApi, KubePod};
+pub use fakes::kube_api::{FakeKubeApi, GetAnswer, KubePod};
 pub use fakes::moto::Moto;
 pub use fakes::sts::{FakeSts, StsFault};
 pub use keys::{Pod, SigningKey, TestKeys, TokenBuilder};

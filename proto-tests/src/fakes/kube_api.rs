@@ -7,7 +7,9 @@
 //! paged list its consistent snapshot, and compaction ([`FakeKubeApi::expire_history`]) its
 //! `410 Gone`. The faults a node agent has to live through are switches on the fake: the server
 //! going away (its port refusing connections, open watches cut), a watch that lags, and a pod
-//! the watch never announces.
+//! the watch never announces. So are the answers of a broken or hostile server, which
+//! kube-apiserver itself never sends: a watch event that never ends its line, a GET whose
+//! body never ends or is not JSON, and a pod with a field of the wrong type.
 //!
 //! This file has the server (TLS, the port, routing) and the switches; `store` keeps the change
 //! log, `query` reads a list's or watch's parameters and selectors, `list` and `watch` serve
@@ -36,8 +38,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -101,6 +103,9 @@ pub struct KubePod {
     /// `status.phase`: `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
     pub phase: String,
     pub labels: BTreeMap<String, String>,
+    /// Fields served as given, whatever the schema says (JSON pointer, value), set on the
+    /// rendered object last: what a broken or hostile API server sends.
+    pub raw_fields: Vec<(String, Value)>,
 }
 
 impl KubePod {
@@ -117,6 +122,7 @@ impl KubePod {
             host_network: false,
             phase: "Running".to_owned(),
             labels: BTreeMap::new(),
+            raw_fields: Vec::new(),
         }
     }
 
@@ -146,10 +152,31 @@ impl KubePod {
         self
     }
 
+    /// Serve the field at `pointer` (e.g. `/spec/hostNetwork`; its parent must exist) as
+    /// `value`, in lists, watch events and GETs alike, even where the schema forbids it (a
+    /// string where a bool belongs): a pod kube-apiserver would never serve.
+    pub fn raw_field(mut self, pointer: &str, value: Value) -> KubePod {
+        self.raw_fields.push((pointer.to_owned(), value));
+        self
+    }
+
     /// `namespace/name`: the pod's key, ordered as etcd orders its keys.
     fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// How a single-pod GET is answered ([`FakeKubeApi::set_get_answer`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GetAnswer {
+    /// The pod, as kube-apiserver serves it.
+    #[default]
+    Pod,
+    /// `200`, and a chunked body that starts like a pod and never ends: filler until the
+    /// client hangs up.
+    Endless,
+    /// `200` with `application/json`, and a body of this many bytes that is not JSON.
+    NotJson(usize),
 }
 
 /// What a request asked for, for the counters.
@@ -223,6 +250,8 @@ struct Shared {
     /// `(issuer, JWKS)` for the service-account issuer endpoints.
     oidc: Mutex<Option<(String, Value)>>,
     open_watches: channel::Sender<usize>,
+    /// Bumped by [`FakeKubeApi::send_unterminated_watch_event`]: (generation, bytes).
+    unterminated_event: channel::Sender<(u64, usize)>,
     recorder: Recorder<KubeRequest>,
 }
 
@@ -302,6 +331,7 @@ impl FakeKubeApi {
             port_changed: Notify::new(),
             oidc: Mutex::new(None),
             open_watches: channel::Sender::new(0),
+            unterminated_event: channel::Sender::new((0, 0)),
             recorder: Recorder::default(),
         });
         let acceptor = TlsAcceptor::from(Arc::new(tls_config()));
@@ -466,6 +496,23 @@ impl FakeKubeApi {
     /// Single-pod GETs answer only `delay` after they arrive: an API server under load.
     pub fn set_get_delay(&self, delay: Duration) {
         self.shared.store().get_delay = delay;
+    }
+
+    /// How single-pod GETs of a pod the fake has are answered from now on.
+    pub fn set_get_answer(&self, answer: GetAnswer) {
+        self.shared.store().get_answer = answer;
+    }
+
+    /// Every open watch sends one event that never ends its line, `bytes` long in all (sent
+    /// in chunks, from one buffer: the test does not hold `bytes` of memory), then ends its
+    /// response. Watches opened later are served as usual.
+    pub fn send_unterminated_watch_event(&self, bytes: usize) {
+        self.shared
+            .unterminated_event
+            .send_modify(|(generation, size)| {
+                *generation += 1;
+                *size = bytes;
+            });
     }
 
     /// Compaction: history up to now is gone. A watch from an older resourceVersion gets a
@@ -870,6 +917,14 @@ async fn get(
             let Some(stored) = store.pods.get(&key) else {
                 return Err(ApiError::not_found("pods", &name));
             };
+            match store.get_answer {
+                GetAnswer::Pod => {}
+                GetAnswer::Endless => return Ok(endless_response()),
+                GetAnswer::NotJson(bytes) => {
+                    let text: String = "this is not JSON ".chars().cycle().take(bytes).collect();
+                    return Ok(response(StatusCode::OK, "application/json", text));
+                }
+            }
             Ok(json_response(&match representation {
                 Representation::Object => pod_object(stored, stored.resource_version, true),
                 Representation::Table(version) => table(
@@ -975,6 +1030,25 @@ async fn wait_for_resource_version(shared: &Shared, rv: u64) -> Result<(), ApiEr
     } else {
         Err(too_large_resource_version(rv, *changed.borrow()))
     }
+}
+
+/// Filler for the hostile answers: one buffer, sent again and again.
+const FILLER_CHUNK: usize = 64 * 1024;
+
+/// The start of a pod object, then filler that never ends: no closing quote, no newline.
+pub(super) fn filler_chunks() -> impl Iterator<Item = Bytes> {
+    let head = Bytes::from_static(br#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":""#);
+    let filler = Bytes::from(vec![b'a'; FILLER_CHUNK]);
+    std::iter::once(head).chain(std::iter::repeat(filler))
+}
+
+/// A `200` whose chunked body never ends ([`GetAnswer::Endless`]); hyper writes it only as
+/// fast as the client reads, and stops when the client hangs up.
+fn endless_response() -> Response<Body> {
+    let frames = futures_util::stream::iter(filler_chunks().map(|b| Ok(Frame::data(b))));
+    let mut response = Response::new(StreamBody::new(frames).boxed());
+    set_common_headers(&mut response, "application/json");
+    response
 }
 
 fn json_response(body: &Value) -> Response<Body> {

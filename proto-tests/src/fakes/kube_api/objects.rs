@@ -134,7 +134,19 @@ pub(super) fn pod_object(stored: &Stored, resource_version: u64, type_meta: bool
         object["kind"] = Value::from("Pod");
         object["apiVersion"] = Value::from("v1");
     }
+    for (pointer, value) in &pod.raw_fields {
+        set_at(&mut object, pointer, value.clone());
+    }
     object
+}
+
+/// Set the field `pointer` names (its parent must be an object) to `value`.
+fn set_at(object: &mut Value, pointer: &str, value: Value) {
+    let (parent, key) = pointer.rsplit_once('/').unwrap_or(("", pointer));
+    let Some(Value::Object(parent)) = object.pointer_mut(parent) else {
+        panic!("raw field {pointer}: no object at {parent:?} in the pod");
+    };
+    parent.insert(key.to_owned(), value);
 }
 
 fn pod_status(stored: &Stored) -> Value {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use super::KubePod;
+use super::{GetAnswer, KubePod};
 
 /// The resourceVersion before the first change. A real cluster is far past 1, and clients
 /// must treat the value as opaque; a large start catches one that counts from 1.
@@ -49,6 +49,8 @@ pub(super) struct Store {
     pub(super) watch_delay: Duration,
     /// How long a single-pod GET takes to answer (`set_get_delay`).
     pub(super) get_delay: Duration,
+    /// How a single-pod GET is answered (`set_get_answer`).
+    pub(super) get_answer: GetAnswer,
     /// Namespaces: a cluster's own, and every namespace a pod was added to (they outlive
     /// their pods, as namespaces do).
     pub(super) namespaces: BTreeMap<String, Namespace>,
@@ -79,6 +81,7 @@ impl Store {
             compacted: 0,
             watch_delay: Duration::ZERO,
             get_delay: Duration::ZERO,
+            get_answer: GetAnswer::Pod,
             namespaces: SYSTEM_NAMESPACES
                 .iter()
                 .map(|ns| (ns.to_string(), namespace()))

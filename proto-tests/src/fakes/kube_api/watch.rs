@@ -19,7 +19,9 @@ use super::objects::{pod_columns, pod_object, pod_row, table, Representation};
 use super::query::{parse_resource_version, ListOptions};
 use super::status::{too_large_resource_version, ApiError};
 use super::store::{Change, Stored};
-use super::{connection_cut, set_common_headers, wait_for_resource_version, Body, Shared};
+use super::{
+    connection_cut, filler_chunks, set_common_headers, wait_for_resource_version, Body, Shared,
+};
 
 /// How often a watch that allows bookmarks gets one. kube-apiserver sends one about every
 /// minute; a second keeps a test that waits for one short.
@@ -95,7 +97,11 @@ pub(super) fn watch(
     };
     let length = options.timeout.map_or(MAX_WATCH, |t| t.min(MAX_WATCH));
     let (events, body) = mpsc::channel(WATCH_BUFFER);
+    // Subscribed before the watch counts as open, so a test that saw it open and then asks
+    // for an unterminated event reaches it.
+    let unterminated = shared.unterminated_event.subscribe();
     let watch = Watch {
+        unterminated,
         shared: shared.clone(),
         namespace,
         options,
@@ -120,6 +126,9 @@ struct Watch {
     columns_sent: AtomicBool,
     events: mpsc::Sender<io::Result<Bytes>>,
     deadline: Instant,
+    /// Tells the watch to send an event that never ends its line
+    /// ([`super::FakeKubeApi::send_unterminated_watch_event`]).
+    unterminated: watch::Receiver<(u64, usize)>,
 }
 
 /// Counts a watch as open while it lives.
@@ -195,6 +204,7 @@ impl Watch {
 
         let mut changed = self.shared.changed.subscribe();
         let mut down = self.shared.down.subscribe();
+        let mut unterminated = self.unterminated.clone();
         let mut next_bookmark = Instant::now() + BOOKMARK_INTERVAL;
         loop {
             let (due, next_due, bookmark_at) =
@@ -220,6 +230,10 @@ impl Watch {
                     return Ok(());
                 }
                 _ = changed.changed() => {}
+                _ = unterminated.changed() => {
+                    let bytes = unterminated.borrow_and_update().1;
+                    return self.send_unterminated(bytes).await;
+                }
                 _ = sleep_until(next_due.unwrap_or(far)) => {}
                 _ = sleep_until(next_bookmark), if self.options.bookmarks => {
                     next_bookmark = Instant::now() + BOOKMARK_INTERVAL;
@@ -279,10 +293,31 @@ impl Watch {
     async fn send_event(&self, kind: &str, object: Value) -> Result<(), Gone> {
         let mut line = json!({ "type": kind, "object": object }).to_string();
         line.push('\n');
+        self.send_chunk(Bytes::from(line)).await
+    }
+
+    /// `{"type":"ADDED","object":` and a pod whose name never ends, `bytes` in all; no
+    /// newline. The response then ends.
+    async fn send_unterminated(&self, bytes: usize) -> Result<(), Gone> {
+        let mut left = bytes;
+        self.send_chunk(Bytes::from_static(br#"{"type":"ADDED","object":"#))
+            .await?;
+        for chunk in filler_chunks() {
+            if left == 0 {
+                break;
+            }
+            let chunk = chunk.slice(..chunk.len().min(left));
+            left -= chunk.len();
+            self.send_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_chunk(&self, chunk: Bytes) -> Result<(), Gone> {
         // A client that stops reading holds the watch past its deadline only briefly.
         tokio::select! {
             biased;
-            sent = self.events.send(Ok(Bytes::from(line))) => sent.map_err(|_| Gone),
+            sent = self.events.send(Ok(chunk)) => sent.map_err(|_| Gone),
             _ = sleep_until(self.deadline + SLOW_READER_GRACE) => Err(Gone),
         }
     }
