@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admin::Readiness;
+use crate::kube_api::error_text;
 use crate::metrics::Metrics;
 
 /// How often readiness is looked at while waiting for it: a node's pods wait on this, so a
@@ -134,7 +135,7 @@ impl StartupTaint {
         let node = api
             .get(&self.node)
             .await
-            .map_err(|e| AttemptError::Api(bounded(&e.to_string())))?;
+            .map_err(|e| AttemptError::Api(error_text(&e)))?;
         let taints: Vec<Taint> = node
             .spec
             .as_ref()
@@ -161,7 +162,7 @@ impl StartupTaint {
         {
             Ok(_) => Ok(Outcome::Removed(ours.len())),
             Err(kube::Error::Api(status)) if status.code == 409 => Err(AttemptError::Conflict),
-            Err(e) => Err(AttemptError::Api(bounded(&e.to_string()))),
+            Err(e) => Err(AttemptError::Api(error_text(&e))),
         }
     }
 }
@@ -172,11 +173,6 @@ fn backoff(failures: u32) -> Duration {
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(RETRY_CAP);
     d.mul_f64(0.5 + crate::cache::random_fraction() / 2.0)
-}
-
-/// An API error's text for the log: what the server said, cut to a line's worth.
-fn bounded(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(512).collect()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 use crate::agent::{agent_options_methods, Agent, AgentBuilder, AgentOptions, Exited};
 use crate::associations::{Association, AssociationsFile, Format};
 use crate::fakes::eks_auth::FakeEksAuth;
+use crate::fakes::kube_api::FakeKubeApi;
 use crate::fakes::sts::FakeSts;
 use crate::http::RawResponse;
 use crate::keys::{write_jwks, Pod, TestKeys};
@@ -31,6 +32,16 @@ impl TestBed {
     /// Agent started with `args` besides the defaults.
     pub async fn with_args<const N: usize>(args: [&str; N]) -> Self {
         Self::builder().args(args).start().await
+    }
+
+    /// Agent attesting callers (`--caller-attestation pod` on node `node`) against `api`,
+    /// with its keys from a file.
+    pub async fn attesting(api: &FakeKubeApi, node: &str) -> Self {
+        Self::builder()
+            .args(["--node-name", node, "--caller-attestation", "pod"])
+            .env("KUBECONFIG", api.kubeconfig())
+            .start()
+            .await
     }
 
     pub fn builder() -> TestBedBuilder {

@@ -25,15 +25,6 @@ fn host() -> IpAddr {
     ip(1)
 }
 
-/// An agent attesting callers against `api`, with its keys from a file.
-async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
-    TestBed::builder()
-        .args(["--node-name", NODE, "--caller-attestation", "pod"])
-        .env("KUBECONFIG", api.kubeconfig())
-        .start()
-        .await
-}
-
 /// A credentials request from `source` with `token` is answered 200.
 async fn assert_served(bed: &TestBed, source: IpAddr, token: &str) {
     let response = bed.agent.fetch_credentials_from(source, token).await;
@@ -75,7 +66,7 @@ async fn a_pods_token_is_served_only_to_that_pod() {
     let other = Pod::new("team-b", "web", "web-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     api.add_pod(KubePod::of(&other, NODE, ip(11)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let token = bed.token(&app);
 
     let own = bed.agent.fetch_credentials_from(ip(10), &token).await;
@@ -111,7 +102,7 @@ async fn a_host_network_pods_token_is_served_to_the_host_only() {
             .host_ip(host())
             .host_network(),
     );
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let token = bed.token(&daemon);
     let from_host = bed.agent.fetch_credentials_from(host(), &token).await;
     assert_eq!(from_host.status, 200, "{from_host:?}");
@@ -127,7 +118,7 @@ async fn a_token_from_another_node_is_refused() {
     let api = FakeKubeApi::start().await;
     let elsewhere = Pod::new("team-a", "app", "app-on-b");
     api.add_pod(KubePod::of(&elsewhere, "node-b", ip(20)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
 
     let claimed = elsewhere.token().node("node-b").sign(&bed.keys.rsa);
     assert_refused(
@@ -154,7 +145,7 @@ async fn a_token_from_another_node_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_added_without_a_watch_event_is_read_once() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let new = Pod::new("team-a", "app", "app-new");
     api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
     let token = bed.token(&new);
@@ -214,7 +205,7 @@ async fn a_deleted_pods_cached_credentials_are_dropped_at_once() {
     let api = FakeKubeApi::start().await;
     let app = Pod::new("team-a", "app", "app-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let token = bed.token(&app);
     assert_served(&bed, ip(10), &token).await;
     wait_until(&bed, "cache_entries", 1.0).await;
@@ -312,7 +303,7 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
     let web = Pod::new("team-a", "web", "web-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     api.add_pod(KubePod::of(&web, NODE, ip(11)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     assert_served(&bed, ip(10), &bed.token(&app)).await;
     let staleness = "pod_identity_agent_pod_watch_staleness_seconds";
     bed.agent
@@ -372,7 +363,7 @@ async fn an_api_server_outage_keeps_the_last_known_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_watch_still_serves_new_pods() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     api.set_watch_delay(Duration::from_secs(2));
     let app = Pod::new("team-a", "app", "app-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));

@@ -30,15 +30,6 @@ fn assert_deadline_answer(response: &RawResponse, took: Duration, status: u16, c
     );
 }
 
-/// An agent attesting callers against `api`.
-async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
-    TestBed::builder()
-        .args(["--node-name", NODE, "--caller-attestation", "pod"])
-        .env("KUBECONFIG", api.kubeconfig())
-        .start()
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_kid_whose_key_reload_hangs_is_answered_within_5s() {
     let keys = TestKeys::shared();
@@ -78,7 +69,7 @@ async fn an_unknown_kid_whose_key_reload_hangs_is_answered_within_5s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_pod_lookup_queue_answers_within_5s() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     // Pods the watch has not delivered, whose lookups the API server takes 30 s to answer:
     // more of them than the agent reads at once, so most queue behind the first few.
     api.set_get_delay(Duration::from_secs(30));
@@ -111,7 +102,7 @@ async fn a_saturated_pod_lookup_queue_answers_within_5s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_lookup_then_a_slow_upstream_share_one_deadline_and_the_retry_is_served() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let pod = Pod::new("team-a", "app", "late-0");
     api.add_pod_unannounced(KubePod::of(&pod, NODE, ip(30)));
     // Each within the 5 s on its own (the upstream inside the agent's 2 s attempt timeout);

@@ -33,14 +33,6 @@ fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
 
-async fn attesting_bed(api: &FakeKubeApi) -> TestBed {
-    TestBed::builder()
-        .args(["--node-name", NODE, "--caller-attestation", "pod"])
-        .env("KUBECONFIG", api.kubeconfig())
-        .start()
-        .await
-}
-
 async fn assert_served(bed: &TestBed, source: IpAddr, token: &str) {
     let response = bed.agent.fetch_credentials_from(source, token).await;
     assert_eq!(response.status, 200, "from {source}: {response:?}");
@@ -117,7 +109,7 @@ async fn an_unterminated_watch_event_is_dropped_and_memory_stays_bounded() {
     let web = Pod::new("team-a", "web", "web-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
     api.add_pod(KubePod::of(&web, NODE, ip(11)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     assert_served(&bed, ip(10), &bed.token(&app)).await;
     assert!(
         api.wait_for_open_watches(1, WAIT).await,
@@ -172,7 +164,7 @@ async fn an_unterminated_watch_event_is_dropped_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_pod_lookup_answer_is_503_within_5s_and_memory_stays_bounded() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let new = Pod::new("team-a", "app", "app-new");
     api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
     api.set_get_answer(GetAnswer::Endless);
@@ -325,7 +317,7 @@ async fn a_malformed_pod_is_skipped_and_the_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_answer_that_is_not_json_reaches_the_log_shortened() {
     let api = FakeKubeApi::start().await;
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let new = Pod::new("team-a", "app", "app-new");
     api.add_pod_unannounced(KubePod::of(&new, NODE, ip(30)));
     api.set_get_answer(GetAnswer::NotJson(256 * 1024));
@@ -364,7 +356,7 @@ async fn a_token_pairing_a_pods_uid_with_another_identity_is_refused() {
     let api = FakeKubeApi::start().await;
     let app = Pod::new("team-a", "app", "app-0");
     api.add_pod(KubePod::of(&app, NODE, ip(10)));
-    let bed = attesting_bed(&api).await;
+    let bed = TestBed::attesting(&api, NODE).await;
     let forged = [
         Pod {
             namespace: "team-b".into(),
