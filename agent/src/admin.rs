@@ -25,11 +25,16 @@ pub struct Readiness {
     pub keys: Option<Arc<KeyStore>>,
     /// `--caller-attestation pod`: the node's pod set.
     pub pods: Option<Arc<NodePods>>,
+    /// Set once this agent has handed its listeners to a newer one (`--handoff-socket`).
+    pub handed_over: Arc<AtomicBool>,
 }
 
 impl Readiness {
     /// `Ok` when the agent can answer a pod, else the reason it cannot.
     pub fn check(&self) -> Result<(), &'static str> {
+        if self.handed_over.load(Ordering::Acquire) {
+            return Err("handed over to a newer agent; waiting for SIGTERM");
+        }
         if !self.listeners_bound.load(Ordering::Acquire) {
             return Err("credential listeners are not bound");
         }

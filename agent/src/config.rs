@@ -357,6 +357,11 @@ pub struct ServerArgs {
     /// Needs --node-name and a Kubernetes API server.
     #[arg(long)]
     pub startup_taint: Option<String>,
+    /// Unix socket for upgrades without a gap (the manifests set
+    /// `/run/pod-identity-agent/handoff.sock`): a starting agent takes the running one's
+    /// listeners and state through it, then listens on it for the next one.
+    #[arg(long)]
+    pub handoff_socket: Option<PathBuf>,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long)]
@@ -470,6 +475,8 @@ pub struct Config {
     pub pod_watch_timeout: Duration,
     /// `--startup-taint`: the taint key removed from this node once the agent is ready.
     pub startup_taint: Option<String>,
+    /// `--handoff-socket`: where listeners and state pass from one agent to the next.
+    pub handoff_socket: Option<PathBuf>,
     /// Where the agent listens, and what its credentials listeners allow.
     pub listen: ListenConfig,
     /// What a cache entry is kept for: each pod, or each association.
@@ -580,6 +587,7 @@ impl ServerArgs {
         let audiences = self.audiences()?;
         let (node_name, pod_watch_timeout) = self.node()?;
         let startup_taint = self.startup_taint(env, node_name.is_some())?;
+        let handoff_socket = self.handoff_socket()?;
         let max_service_qps = self.upstream_budget()?;
         let (max_cache_size, max_retention) = self.cache_bounds()?;
         Ok(Config {
@@ -593,6 +601,7 @@ impl ServerArgs {
             node_name,
             pod_watch_timeout,
             startup_taint,
+            handoff_socket,
             listen,
             cache_scope: self.cache_scope,
             max_cache_size,
@@ -916,6 +925,35 @@ impl ServerArgs {
         Ok(Some(key.to_owned()))
     }
 
+    /// `--handoff-socket`: an absolute path whose directory exists (the manifests' init
+    /// container prepares it), short enough for a Unix socket address.
+    fn handoff_socket(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(path) = &self.handoff_socket else {
+            return Ok(None);
+        };
+        if !path.is_absolute() || path.file_name().is_none() {
+            return Err(bad(
+                "handoff-socket",
+                format!("'{}' is not an absolute file path", path.display()),
+            ));
+        }
+        // sun_path holds 108 bytes, the terminating NUL included.
+        if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+            return Err(bad(
+                "handoff-socket",
+                format!("is longer than {MAX_SOCKET_PATH_BYTES} bytes, the most a Unix socket path may be"),
+            ));
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        if !dir.is_dir() {
+            return Err(bad(
+                "handoff-socket",
+                format!("directory {} does not exist", dir.display()),
+            ));
+        }
+        Ok(Some(path.clone()))
+    }
+
     /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
     /// default) and the calls in flight at once.
     fn upstream_budget(&self) -> Result<f64, ConfigError> {
@@ -1035,6 +1073,8 @@ const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// A node runs a few hundred pods (the largest instance types allow 737); a million entries
 /// is already gigabytes of credentials, so more is a typo.
 const MAX_CACHE_SIZE_LIMIT: u64 = 1_000_000;
+/// A Unix socket path's bytes (sun_path is 108, its NUL included).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// Below a second the cache refetches on every request in practice; use 0 for that.
 const MIN_RETENTION: Duration = Duration::from_secs(1);
 /// The longest AWS role session lasts 12 h, so a longer retention never takes effect;
@@ -1146,6 +1186,7 @@ impl Default for Config {
             caller_attestation: CallerAttestation::Off,
             pod_watch_timeout: DEFAULT_POD_WATCH_TIMEOUT,
             startup_taint: None,
+            handoff_socket: None,
             cache_scope: CacheScope::Pod,
             max_cache_size: DEFAULT_MAX_CACHE_SIZE,
             max_retention: DEFAULT_MAX_RETENTION,

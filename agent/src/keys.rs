@@ -69,6 +69,18 @@ struct VerifyKey {
     key: Arc<DecodingKey>,
 }
 
+/// A key set as one agent passes it to the next in a handoff.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedKeys {
+    /// The JWKS document the keys were parsed from.
+    pub jwks: String,
+    /// The issuer the API server announced, for keys from the Kubernetes API.
+    pub discovered_issuer: Option<String>,
+    /// How long ago the keys were fetched or confirmed from their source.
+    pub age_ms: Option<u64>,
+}
+
 /// The reload an unknown `kid` started: when the last one began, and the one running.
 #[derive(Default)]
 struct OnDemand {
@@ -79,6 +91,8 @@ struct OnDemand {
 /// One loaded JWKS.
 pub struct KeySet {
     keys: Vec<VerifyKey>,
+    /// The document it was parsed from, which is what a handoff passes on.
+    document: Box<str>,
 }
 
 impl KeySet {
@@ -108,7 +122,10 @@ impl KeySet {
                 "no usable signing key (RSA, P-256 or P-384)".into(),
             ));
         }
-        Ok(KeySet { keys })
+        Ok(KeySet {
+            keys,
+            document: String::from_utf8_lossy(doc).into(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -253,6 +270,37 @@ impl KeyStore {
             allow_insecure: false,
             kube: None,
         })
+    }
+
+    /// The key set in hand and how old it is, for the next agent (`None` before the first
+    /// load).
+    pub fn export(&self) -> Option<ExportedKeys> {
+        let current = self.current.load();
+        let set = current.as_deref()?;
+        Some(ExportedKeys {
+            jwks: set.document.to_string(),
+            discovered_issuer: self.discovered_issuer(),
+            age_ms: self.age().map(|a| a.as_millis() as u64),
+        })
+    }
+
+    /// Install the key set an earlier agent passed on, as if it had been loaded `age_ms` ago:
+    /// the agent is ready with it at once, and the next poll of the source comes when the
+    /// earlier agent's would have.
+    pub fn import(&self, keys: ExportedKeys) -> Result<usize, KeysError> {
+        let set = KeySet::from_jwks(keys.jwks.as_bytes())?;
+        let n = set.len();
+        if let Some(issuer) = keys.discovered_issuer {
+            self.discovered_issuer.store(Some(Arc::new(issuer)));
+        }
+        self.current.store(Some(Arc::new(set)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.loaded_tx.send_replace(true);
+        self.metrics.keys_loaded.set(n as i64);
+        let age = Duration::from_millis(keys.age_ms.unwrap_or(0));
+        *sync::lock(&self.confirmed_at) =
+            Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+        Ok(n)
     }
 
     /// Changes whenever a new key set is installed.
@@ -430,6 +478,15 @@ impl KeyStore {
             return;
         };
         let mut file_stamp = None;
+        // Keys taken over from an earlier agent: the source is next asked when that agent
+        // would have asked it (a file is only read, so it is looked at at once).
+        if !matches!(source, KeySource::File(_)) && self.is_loaded() {
+            let wait = URL_POLL_INTERVAL.saturating_sub(self.age().unwrap_or_default());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         loop {
             let wait = match &source {
                 KeySource::File(path) => {

@@ -72,6 +72,12 @@ impl LastContact {
         self.at_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
+    /// Record an answer that came `ago` before now (taken over from an earlier agent).
+    pub fn stamp_ago(&self, ago: Duration) {
+        let ms = self.origin.elapsed().saturating_sub(ago).as_millis() as u64 + 1;
+        self.at_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
     /// Time since the last answer, or `None` before the first.
     pub fn age(&self) -> Option<Duration> {
         match self.at_ms.load(Ordering::Acquire) {

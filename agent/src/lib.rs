@@ -15,6 +15,7 @@ pub mod config;
 pub mod copy;
 pub mod defence;
 pub mod dev;
+pub mod handoff;
 pub mod http;
 pub mod keys;
 pub mod kube_api;
@@ -45,6 +46,7 @@ use crate::associations::AssociationStore;
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::config::{BackendKind, CallerAttestation, Config, ConfigError, KeySource};
 use crate::defence::Defence;
+use crate::handoff::Inherited;
 use crate::http::{AppState, HostAllowList};
 use crate::keys::KeyStore;
 use crate::kube_api::LastContact;
@@ -81,7 +83,7 @@ pub struct Agent {
     credential_addrs: Vec<SocketAddr>,
     probe_addr: SocketAddr,
     metrics_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
     tasks: JoinSet<()>,
 }
 
@@ -91,6 +93,14 @@ struct Startup {
     metrics: Metrics,
     shutdown_rx: watch::Receiver<bool>,
     tasks: JoinSet<()>,
+    /// What an earlier agent passed on (`--handoff-socket`); empty without one.
+    inherited: Inherited,
+    /// Duplicates of every listener, for the next agent (`--handoff-socket`).
+    offered: Vec<handoff::Offered>,
+    /// Set once this agent has handed over to the next.
+    handed_over: Arc<AtomicBool>,
+    /// `--handoff-socket` is set.
+    handoff: bool,
 }
 
 impl Agent {
@@ -99,10 +109,15 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Agent, StartError> {
         let started = tokio::time::Instant::now();
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = Arc::new(shutdown);
         let mut run = Startup {
             metrics: Metrics::with_features(features(&config)),
             shutdown_rx,
             tasks: JoinSet::new(),
+            inherited: Inherited::default(),
+            offered: Vec::new(),
+            handed_over: Arc::default(),
+            handoff: config.handoff_socket.is_some(),
         };
         let backend = run.backend(&config).await?;
         let kube = run.kube_client(&config).await?;
@@ -110,11 +125,29 @@ impl Agent {
         let keys = run.key_store(&config, client.clone())?;
         let cache = run.cache(&config, backend);
         let pods = run.node_pods(&config, kube, &cache);
+        // Everything that can refuse the configuration has been built; only now is an
+        // earlier agent asked to hand over, so a failure from here on leaves it serving.
+        if let Some(path) = &config.handoff_socket {
+            run.inherited = handoff::take_over(path).await;
+            if let Some(state) = run.inherited.state.take() {
+                handoff::install(
+                    state,
+                    &cache,
+                    keys.as_deref(),
+                    pods.as_deref(),
+                    &run.metrics,
+                );
+            }
+        }
+        run.spawn_background(&config, &keys, &pods);
         let credential_addrs = run
             .serve_credentials(&config, &keys, &cache, pods.clone())
             .await?;
-        let (probe_addr, metrics_addr, readiness) =
-            run.serve_admin(&config, keys, cache, pods).await?;
+        let (probe_addr, metrics_addr, readiness) = run
+            .serve_admin(&config, keys.clone(), cache.clone(), pods.clone())
+            .await?;
+        run.hand_over_later(&config, shutdown.clone(), cache, keys, pods)
+            .await;
         run.remove_startup_taint(&config, client, readiness, started);
         Ok(Agent {
             credential_addrs,
@@ -163,6 +196,7 @@ fn features(config: &Config) -> Features {
             || config.startup_taint.is_some(),
         associations: config.upstream.backend == BackendKind::Sts,
         startup_taint: config.startup_taint.is_some(),
+        handoff: config.handoff_socket.is_some(),
     }
 }
 
@@ -242,11 +276,80 @@ impl Startup {
                 }
             }),
         );
-        tokio::spawn(
-            pods.clone()
-                .run(config.pod_watch_timeout, self.shutdown_rx.clone()),
-        );
         Some(pods)
+    }
+
+    /// The key reload and the pod watch, started once any state taken over is in.
+    fn spawn_background(
+        &self,
+        config: &Config,
+        keys: &Option<Arc<KeyStore>>,
+        pods: &Option<Arc<NodePods>>,
+    ) {
+        if let Some(store) = keys {
+            tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
+        }
+        if let Some(pods) = pods {
+            tokio::spawn(
+                pods.clone()
+                    .run(config.pod_watch_timeout, self.shutdown_rx.clone()),
+            );
+        }
+    }
+
+    /// A listener for `addr`: the one an earlier agent passed on, or a new one. Offered to
+    /// the next agent when handoff is on.
+    async fn listener(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let listener = match self.inherited.listener(addr) {
+            Some(l) => {
+                tracing::info!(address = %addr, "took over the earlier agent's listener");
+                l
+            }
+            None => TcpListener::bind(addr).await?,
+        };
+        if self.handoff {
+            match handoff::Offered::tcp(&listener) {
+                Ok(o) => self.offered.push(o),
+                Err(e) => {
+                    tracing::warn!(address = %addr, error = %e, "this listener cannot be passed to the next agent")
+                }
+            }
+        }
+        Ok(listener)
+    }
+
+    /// `--handoff-socket`: tell the earlier agent (if any) to stop, then listen for the next.
+    async fn hand_over_later(
+        &mut self,
+        config: &Config,
+        stop: Arc<watch::Sender<bool>>,
+        cache: Arc<CredentialCache>,
+        keys: Option<Arc<KeyStore>>,
+        pods: Option<Arc<NodePods>>,
+    ) {
+        let Some(path) = config.handoff_socket.clone() else {
+            return;
+        };
+        let inherited = std::mem::take(&mut self.inherited);
+        let taken_socket = inherited.confirm(&self.metrics).await;
+        let listener = match handoff::listen(&path, taken_socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot listen for the next agent; its upgrade will not be seamless");
+                return;
+            }
+        };
+        let giver = handoff::Giver {
+            path,
+            offered: std::mem::take(&mut self.offered),
+            cache,
+            keys,
+            pods,
+            metrics: self.metrics.clone(),
+            stop,
+            handed_over: self.handed_over.clone(),
+        };
+        tokio::spawn(giver.run(listener, self.shutdown_rx.clone()));
     }
 
     /// The verification keys and their background reload (the first load runs at once), or
@@ -265,7 +368,6 @@ impl Startup {
                     kube,
                 )
                 .map_err(|e| ConfigError::new("jwks-url", e.to_string()))?;
-                tokio::spawn(store.clone().run(self.shutdown_rx.clone()));
                 Some(store)
             }
             None => {
@@ -330,7 +432,15 @@ impl Startup {
         cache: &Arc<CredentialCache>,
         pods: Option<Arc<NodePods>>,
     ) -> Result<Vec<SocketAddr>, StartError> {
-        let listeners = server::bind_all(&config.listen.credential_listeners, "credentials").await;
+        let mut listeners = Vec::new();
+        for addr in &config.listen.credential_listeners {
+            match self.listener(*addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    tracing::warn!(listener = "credentials", address = %addr, error = %e, "could not bind; skipping this address")
+                }
+            }
+        }
         if listeners.is_empty() {
             return Err(StartError::Bind(format!(
                 "could not bind any credentials address ({})",
@@ -396,11 +506,14 @@ impl Startup {
                 listeners_bound: AtomicBool::new(false),
                 keys,
                 pods,
+                handed_over: self.handed_over.clone(),
             }),
             metrics: self.metrics.clone(),
             cache,
         });
-        let probe = bind_one(config.listen.probe_listener, "probe-port").await?;
+        let probe = self
+            .bind_one(config.listen.probe_listener, "probe-port")
+            .await?;
         let probe_addr = probe
             .local_addr()
             .map_err(|e| StartError::Bind(e.to_string()))?;
@@ -410,7 +523,9 @@ impl Startup {
         {
             probe_addr
         } else {
-            let listener = bind_one(config.listen.metrics_listener, "metrics-port").await?;
+            let listener = self
+                .bind_one(config.listen.metrics_listener, "metrics-port")
+                .await?;
             let addr = listener
                 .local_addr()
                 .map_err(|e| StartError::Bind(e.to_string()))?;
@@ -471,8 +586,14 @@ impl Startup {
     }
 }
 
-async fn bind_one(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| StartError::Bind(format!("--{flag}: cannot listen on {addr}: {e}")))
+impl Startup {
+    async fn bind_one(
+        &mut self,
+        addr: SocketAddr,
+        flag: &'static str,
+    ) -> Result<TcpListener, StartError> {
+        self.listener(addr)
+            .await
+            .map_err(|e| StartError::Bind(format!("--{flag}: cannot listen on {addr}: {e}")))
+    }
 }

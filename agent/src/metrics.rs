@@ -86,6 +86,8 @@ pub struct Features {
     pub associations: bool,
     /// `--startup-taint`: its removal from the node.
     pub startup_taint: bool,
+    /// `--handoff-socket`: listeners and state passed between agents.
+    pub handoff: bool,
 }
 
 impl Features {
@@ -96,6 +98,7 @@ impl Features {
         kubernetes_api: true,
         associations: true,
         startup_taint: true,
+        handoff: true,
     };
 }
 
@@ -250,6 +253,18 @@ families! {
     /// Attempts to remove --startup-taint by result: removed, absent, conflict, error
     #[only(startup_taint)]
     startup_taint_attempts: CounterVec,
+    /// Handoffs to a newer agent by result: given, failed (the peer went away or was too slow), refused_peer (another uid), busy
+    #[only(handoff)]
+    handoffs_given: CounterVec,
+    /// Takeovers at start by result: taken, listeners_only (no usable state), none (no agent answered), refused
+    #[only(handoff)]
+    handoffs_taken: CounterVec,
+    /// Entries passed in handoffs by direction (given, taken) and kind (credentials, pods, gone_pods, keys)
+    #[only(handoff)]
+    handoff_entries: CounterVec2,
+    /// Seconds a handoff took, by direction: given (from the peer's hello to its confirmation), taken (from connecting to serving)
+    #[only(handoff)]
+    handoff_duration_seconds: HistogramVec = latency_by_label(),
     /// Answers of the Kubernetes API server cut off at their size bound (a watch line, a list page, an object), by request kind
     #[only(kubernetes_api)]
     kubernetes_oversized_answers: CounterVec,
@@ -277,6 +292,8 @@ counted_by_label! {
     rate_limited("scope") => rate_limited;
     association_reload("outcome") => association_reloads;
     startup_taint_attempt("result") => startup_taint_attempts;
+    handoff_given("result") => handoffs_given;
+    handoff_taken("result") => handoffs_taken;
 }
 
 impl Default for Metrics {
@@ -351,6 +368,19 @@ impl Metrics {
             .inc();
     }
 
+    /// A handoff's entries of one kind, given or taken.
+    pub fn handoff_entries(&self, direction: &'static str, kind: &'static str, n: usize) {
+        self.handoff_entries
+            .get_or_create(&[("direction", direction), ("kind", kind)])
+            .inc_by(n as u64);
+    }
+
+    pub fn handoff_duration(&self, direction: &'static str, seconds: f64) {
+        self.handoff_duration_seconds
+            .get_or_create(&[("direction", direction)])
+            .observe(seconds);
+    }
+
     /// Prometheus text exposition (OpenMetrics flavour, as prometheus-client writes it).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -392,6 +422,7 @@ mod tests {
             kubernetes_api: false,
             associations: false,
             startup_taint: false,
+            handoff: false,
         });
         // Counting into a family that is not registered is harmless and invisible.
         off.pod_watch_synced.set(0);
@@ -409,6 +440,10 @@ mod tests {
             "pod_watch_errors",
             "startup_taint_attempts",
             "startup_taint_removal_seconds",
+            "handoffs_given",
+            "handoffs_taken",
+            "handoff_entries",
+            "handoff_duration_seconds",
             "pod_lookups",
             "malformed_pods",
             "kubernetes_requests",

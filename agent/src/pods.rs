@@ -35,6 +35,9 @@ use crate::sync;
 
 /// Pods remembered as gone (or malformed), so replays of their tokens cost no API call.
 const MAX_GONE: usize = 16_384;
+/// Live pods taken from an earlier agent at most: far above what a node runs (Kubernetes
+/// supports 110 a node by default, a few hundred at most), so only a broken state reaches it.
+const MAX_IMPORTED_PODS: usize = 65_536;
 /// How long a gone pod is remembered. After that a replay costs one GET (and is refused).
 const GONE_TTL: Duration = Duration::from_secs(3600);
 /// Single-pod reads: at most this many at a time...
@@ -135,8 +138,9 @@ struct State {
 }
 
 /// Why a UID is not a live pod of this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Absent {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Absent {
     /// Deleted, or terminated (phase `Succeeded` or `Failed`).
     Ended,
     /// The API server has no such pod on this node (another node's, or none at all).
@@ -199,6 +203,49 @@ impl State {
         }
         self.live.insert(uid, facts);
     }
+}
+
+/// The pod set as one agent passes it to the next in a handoff: every instant is an age at
+/// the moment of export, so neither agent's clock leaks into the other's.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedPods {
+    pub node: String,
+    /// The first complete list had arrived.
+    pub synced: bool,
+    /// How long ago the API server last answered.
+    pub last_contact_age_ms: Option<u64>,
+    pub live: Vec<ExportedPod>,
+    pub gone: Vec<ExportedGone>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedPod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub age_ms: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedGone {
+    pub uid: String,
+    pub why: Absent,
+    pub age_ms: u64,
+}
+
+/// The instant `ms` milliseconds before `now` (or `now`, where the clock cannot go back so far).
+fn ago(now: Instant, ms: u64) -> Instant {
+    now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)
+}
+
+fn age_ms(now: Instant, at: Instant) -> u64 {
+    now.saturating_duration_since(at).as_millis() as u64
 }
 
 /// A list in progress: between the watcher's `Init` and `InitDone`.
@@ -288,6 +335,77 @@ impl NodePods {
     /// True once the first complete list has arrived.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// The pod set for the next agent.
+    pub fn export(&self) -> ExportedPods {
+        let now = Instant::now();
+        let state = self.read();
+        ExportedPods {
+            node: self.node.clone(),
+            synced: self.is_synced(),
+            last_contact_age_ms: self.contact.age().map(|a| a.as_millis() as u64),
+            live: state
+                .live
+                .iter()
+                .map(|(uid, f)| ExportedPod {
+                    uid: uid.to_string(),
+                    namespace: f.namespace.to_string(),
+                    name: f.name.to_string(),
+                    service_account: f.service_account.to_string(),
+                    ips: f.ips.to_vec(),
+                    host_network: f.host_network,
+                    age_ms: age_ms(now, f.since),
+                })
+                .collect(),
+            gone: state
+                .gone
+                .iter()
+                .filter(|(_, (at, _))| now.duration_since(*at) < GONE_TTL)
+                .map(|(uid, (at, why))| ExportedGone {
+                    uid: uid.to_string(),
+                    why: *why,
+                    age_ms: age_ms(now, *at),
+                })
+                .collect(),
+        }
+    }
+
+    /// Take the pod set an earlier agent passed on; in sync if it was. Returns the live and
+    /// gone pods taken, or `None` for another node's set, which is not taken.
+    pub fn import(&self, pods: ExportedPods) -> Option<(usize, usize)> {
+        if pods.node != self.node {
+            return None;
+        }
+        let now = Instant::now();
+        let mut state = self.write();
+        for p in pods.live.into_iter().take(MAX_IMPORTED_PODS) {
+            let facts = PodFacts {
+                namespace: p.namespace.into(),
+                name: p.name.into(),
+                service_account: p.service_account.into(),
+                ips: p.ips.into_iter().map(|ip| ip.to_canonical()).collect(),
+                host_network: p.host_network,
+                since: ago(now, p.age_ms),
+            };
+            state.live.insert(p.uid.into(), facts);
+        }
+        for g in pods.gone.into_iter().take(MAX_GONE) {
+            let at = ago(now, g.age_ms);
+            if now.duration_since(at) < GONE_TTL {
+                state.live.remove(g.uid.as_str());
+                state.gone.insert(g.uid.into(), (at, g.why));
+            }
+        }
+        let taken = (state.live.len(), state.gone.len());
+        drop(state);
+        if let Some(ms) = pods.last_contact_age_ms {
+            self.contact.stamp_ago(Duration::from_millis(ms));
+        }
+        if pods.synced {
+            self.synced.store(true, Ordering::Release);
+        }
+        Some(taken)
     }
 
     /// Pods of this node known to be running.

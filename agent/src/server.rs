@@ -42,21 +42,6 @@ const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 /// How long a refused connection gets to take its 503 before it is closed anyway.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Bind every address; an address that cannot be bound (say, IPv6 on a node without it) is
-/// logged and skipped, as long as one binds.
-pub async fn bind_all(addrs: &[SocketAddr], listener_name: &'static str) -> Vec<TcpListener> {
-    let mut bound = Vec::new();
-    for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(l) => bound.push(l),
-            Err(e) => {
-                tracing::warn!(listener = listener_name, address = %addr, error = %e, "could not bind; skipping this address")
-            }
-        }
-    }
-    bound
-}
-
 /// Connection-level limits of one listener.
 #[derive(Clone)]
 pub struct ConnectionLimits {

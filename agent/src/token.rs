@@ -87,7 +87,8 @@ pub struct Identity {
     pub expires_at: Option<SystemTime>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerifiedClaims {
     /// `kubernetes.io.namespace`: the pod's namespace.
     pub namespace: String,

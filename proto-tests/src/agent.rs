@@ -362,33 +362,26 @@ impl AgentBuilder {
     /// The full argument list the agent will be started with.
     pub fn command_line(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = self.options.global_args.clone();
-        args.extend(
-            [
-                "server",
-                "--cluster-name",
-                CLUSTER_NAME,
-                "--port",
-                "0",
-                "--bind-hosts",
-                &self.bind_hosts,
-                "--probe-port",
-                "0",
-                "--metrics-address",
-                "127.0.0.1",
-                "--metrics-port",
-                "0",
-                "--region",
-                REGION,
-                "--log-format",
-                "json",
-            ]
-            .into_iter()
-            .map(OsString::from),
-        );
+        let given = |flag: &str| self.options.args.iter().any(|a| a == flag);
+        args.push("server".into());
+        // Ephemeral ports unless the test fixes them (agents that share a node share ports).
+        for (flag, value) in [
+            ("--cluster-name", CLUSTER_NAME),
+            ("--port", "0"),
+            ("--bind-hosts", &self.bind_hosts),
+            ("--probe-port", "0"),
+            ("--metrics-address", "127.0.0.1"),
+            ("--metrics-port", "0"),
+            ("--region", REGION),
+            ("--log-format", "json"),
+        ] {
+            if !given(flag) {
+                args.extend([flag.into(), value.into()]);
+            }
+        }
         args.extend(self.backend.args());
         // The agent refuses a JWKS flag without --issuer; the test keys' tokens carry
         // DEFAULT_ISSUER, so a bed that names keys but no issuer gets that one.
-        let given = |flag: &str| self.options.args.iter().any(|a| a == flag);
         if (given("--jwks-file") || given("--jwks-url")) && !given("--issuer") {
             args.extend(["--issuer".into(), crate::keys::DEFAULT_ISSUER.into()]);
         }

@@ -32,6 +32,7 @@
 //! are not verified locally, from the token's SHA-256 digest, so no token can reach another
 //! pod's entry.
 
+mod export;
 mod policy;
 mod refresh;
 mod slot;
@@ -45,6 +46,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
+pub use export::ExportedEntry;
 use policy::RETRY_CAP;
 pub use policy::{
     random_fraction, retry_delay, EXPIRY_MARGIN, MIN_SERVABLE_LIFETIME, REFUSAL_TTL, STALE_WAIT,
@@ -207,6 +209,8 @@ pub struct CredentialCache {
     revocations_logged: moka::future::Cache<CacheKey, ()>,
     timers: Arc<Timers>,
     this: Weak<CredentialCache>,
+    /// Set once the entries went to the next agent: no more background refreshes.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// How often an irrecoverable error of one key is logged at warn.
@@ -239,6 +243,7 @@ impl CredentialCache {
             revocations_logged,
             timers: Arc::default(),
             this: this.clone(),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -542,8 +547,23 @@ impl CredentialCache {
         }
     }
 
+    /// The entries went to the next agent: no background refresh runs from now on (requests
+    /// still in flight are answered).
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.timers.shut_down();
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A timer of the entry came due: refresh it, let it go dormant, or drop it.
     fn on_timer(self: &Arc<Self>, due: Due) {
+        if self.is_retired() {
+            return;
+        }
         enum Next {
             Nothing,
             Sleep(Instant),
@@ -648,7 +668,11 @@ impl CredentialCache {
             .is_ok();
         let tx = {
             let mut state = slot.lock();
-            if !waited || state.generation != generation || state.inflight.is_some() {
+            if !waited
+                || self.is_retired()
+                || state.generation != generation
+                || state.inflight.is_some()
+            {
                 state.refreshing = false;
                 None
             } else {
