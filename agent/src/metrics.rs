@@ -253,7 +253,7 @@ families! {
     /// Attempts to remove --startup-taint by result: removed, absent, conflict, error
     #[only(startup_taint)]
     startup_taint_attempts: CounterVec,
-    /// Handoffs to a newer agent by result: given, failed (the peer went away or was too slow), refused_peer (another uid), busy
+    /// Handoffs to a newer agent by result: given, failed (the peer went away or was too slow), refused_peer (another uid)
     #[only(handoff)]
     handoffs_given: CounterVec,
     /// Takeovers at start by result: taken, listeners_only (no usable state), none (no agent answered), refused
