@@ -230,13 +230,9 @@ async fn warm(bed: &TestBed, n: usize) -> Vec<(String, String)> {
     pods
 }
 
+/// The value of `series` in `agent`'s metrics (0 for a series with no sample yet).
 async fn metric(agent: &Agent, series: &str) -> f64 {
-    let text = agent.metrics_text().await;
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    proto_tests::metrics::value(&agent.metrics_text().await, series).unwrap_or(0.0)
 }
 
 fn assert_no_secrets(bed: &TestBed, agents: &[&Agent]) {
