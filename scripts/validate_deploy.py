@@ -16,6 +16,11 @@ What it checks, each reported as one line:
 - daemonset.yaml and the eks overlay describe the same objects;
 - cross-object wiring no schema sees: $(VAR) references, volume mounts,
   probe ports, Service and monitor selectors, capabilities the image needs;
+- the rollout: every agent DaemonSet hands over through a handoff socket in
+  a hostPath directory its init container prepares for the server's user,
+  surges (maxSurge 1, maxUnavailable 0), declares no port, and probes its own
+  process through a probe socket in an emptyDir (each rule shown to refuse a
+  manifest that breaks it);
 - the alerting rules with `promtool check rules` and their unit tests with
   `promtool test rules`, every alert being tested firing;
 - the Grafana dashboard's structure, and every query in it parsed by
@@ -23,6 +28,7 @@ What it checks, each reported as one line:
 """
 
 import argparse
+import copy
 import difflib
 import functools
 import json
@@ -153,7 +159,6 @@ RELABELING = {
 SCRAPE_ENDPOINT = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["port"],
     "properties": {
         "port": {"type": "string"},
         "path": {"type": "string", "pattern": "^/"},
@@ -401,6 +406,28 @@ def check_wiring(report, source, docs):
         print(f"ok   {source}: selectors, $(VAR)s, volumes, probe ports, capabilities")
 
 
+def scrapes_metrics_port(endpoint, docs):
+    """An endpoint that names no port (the agent declares none): it keeps the server container
+    alone and sets the address's port to the server's --metrics-port, for IPv4 and IPv6."""
+    ports = {
+        flag_value(c, "--metrics-port", "POD_IDENTITY_AGENT_METRICS_PORT")
+        for _, t in pod_templates(docs) for c in t["spec"]["containers"]
+        if is_agent(c) and (c.get("args") or [None])[0] == "server"
+    }
+    relabelings = endpoint.get("relabelings", [])
+    keeps_server = any(
+        r.get("action") == "keep"
+        and r.get("sourceLabels") == ["__meta_kubernetes_pod_container_name",
+                                      "__meta_kubernetes_pod_container_init"]
+        and r.get("regex") == "pod-identity-agent;false"
+        for r in relabelings
+    )
+    replacements = {r.get("replacement") for r in relabelings
+                    if r.get("targetLabel") == "__address__"}
+    return len(ports) == 1 and keeps_server and all(
+        p is not None and {f"$1:{p}", f"[$1]:{p}"} <= replacements for p in ports)
+
+
 def check_monitors(report, monitoring_docs, renders):
     """The ServiceMonitor and PodMonitor find every overlay's agents."""
     failures = len(report.failures)
@@ -432,17 +459,158 @@ def check_monitors(report, monitoring_docs, renders):
                 and (not namespaces or meta.get("namespace") in namespaces)
             ]
             ok = bool(found) and all(
-                all(e["port"] in ports for e in endpoints)
+                all(e["port"] in ports if "port" in e else scrapes_metrics_port(e, docs)
+                    for e in endpoints)
                 and meta.get("labels", {}).get(job_label) == MONITORING_LABEL[1]
                 for meta, ports in found
             )
             report.check(
                 ok,
                 f"{kind} {doc['metadata']['name']} scrapes {source} with job=\"{MONITORING_LABEL[1]}\"",
-                f"selector {selector}, ports {[e['port'] for e in endpoints]}, found {found}",
+                f"selector {selector}, ports {[e.get('port') for e in endpoints]}, found {found}",
             )
     if len(report.failures) == failures:
         print(f"ok   ServiceMonitor and PodMonitor find every render's agents as job=\"{MONITORING_LABEL[1]}\"")
+
+
+# --- the rollout: surge, handoff, probes of the pod's own agent -----------------
+
+def dockerfile_entrypoint():
+    """The image's binary, as deploy/Dockerfile's ENTRYPOINT names it."""
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENTRYPOINT"):
+            return json.loads(line[len("ENTRYPOINT"):].strip())[0]
+    return None
+
+
+def flag_value(container, flag, env_name):
+    """A server flag's value from its args (`--flag value` or `--flag=value`) or its env."""
+    args = [str(a) for a in container.get("args", [])]
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    for e in container.get("env", []):
+        if e.get("name") == env_name and "value" in e:
+            return e["value"]
+    return None
+
+
+def mounted_volume(container, volumes, path):
+    """The volume (and its mount path) whose mount holds `path` directly in its directory."""
+    directory = str(Path(path).parent)
+    for mount in container.get("volumeMounts", []):
+        if mount.get("mountPath", "").rstrip("/") == directory:
+            return volumes.get(mount["name"]), mount["mountPath"]
+    return None, None
+
+
+def rollout_problems(docs):
+    """What breaks the rollout rules, as (rule, detail) pairs: an empty list passes.
+
+    Each agent DaemonSet running `server`:
+    - `handoff`: sets --handoff-socket, in a hostPath volume mounted in the server;
+    - `runtime-dir`: an init container running `initialize` mounts the same volume and
+      prepares that directory (--runtime-dir) for the server's uid:gid (--runtime-dir-owner);
+    - `surge`: RollingUpdate with maxSurge 1 and maxUnavailable 0;
+    - `no-ports`: in the host network, no container declares a port (each would be a
+      hostPort, and the surge pod would never be scheduled beside the old one);
+    - `own-probes`: startup, readiness and liveness probes are exec probes running the image's
+      binary as `probe SOCKET PATH` on the server's --probe-socket, which lives in an emptyDir
+      of the pod (never a port two agents of a node share), /readyz for startup and
+      readiness, /healthz for liveness.
+    """
+    problems = []
+    binary = dockerfile_entrypoint()
+    for owner, template in pod_templates(docs):
+        if owner.get("kind") != "DaemonSet":
+            continue
+        spec = template["spec"]
+        servers = [c for c in spec.get("containers", [])
+                   if is_agent(c) and (c.get("args") or [None])[0] == "server"]
+        if not servers:
+            continue
+        where = name_of(owner)
+        server = servers[0]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        strategy = owner["spec"].get("updateStrategy") or {}
+        rolling = strategy.get("rollingUpdate") or {}
+        if not (strategy.get("type") == "RollingUpdate"
+                and str(rolling.get("maxSurge")) == "1"
+                and str(rolling.get("maxUnavailable")) == "0"):
+            problems.append(("surge", f"{where}: updateStrategy {json.dumps(strategy, sort_keys=True)}"))
+        if spec.get("hostNetwork"):
+            for c in spec.get("initContainers", []) + spec.get("containers", []):
+                if c.get("ports"):
+                    problems.append(("no-ports", f"{where} container {c['name']} declares {c['ports']}"))
+        handoff = flag_value(server, "--handoff-socket", "POD_IDENTITY_AGENT_HANDOFF_SOCKET")
+        volume, directory = mounted_volume(server, volumes, handoff) if handoff else (None, None)
+        if not handoff or not volume or "hostPath" not in volume:
+            problems.append(("handoff", f"{where}: handoff socket {handoff!r} in volume {volume}"))
+        else:
+            sc = {**(spec.get("securityContext") or {}), **(server.get("securityContext") or {})}
+            owner_ids = f"{sc.get('runAsUser')}:{sc.get('runAsGroup', sc.get('runAsUser'))}"
+            prepared = False
+            for init in spec.get("initContainers", []):
+                if (init.get("args") or [None])[0] != "initialize":
+                    continue
+                init_mount = next((m for m in init.get("volumeMounts", [])
+                                   if m["name"] in volumes
+                                   and volumes[m["name"]].get("hostPath") == volume["hostPath"]), None)
+                dirs = flag_value(init, "--runtime-dir", "POD_IDENTITY_AGENT_RUNTIME_DIR")
+                ids = flag_value(init, "--runtime-dir-owner", "POD_IDENTITY_AGENT_RUNTIME_DIR_OWNER")
+                prepared |= bool(
+                    init_mount and dirs
+                    and init_mount["mountPath"].rstrip("/") in [d.rstrip("/") for d in dirs.split(",")]
+                    and ids == owner_ids
+                    and "CHOWN" in ((init.get("securityContext") or {}).get("capabilities") or {}).get("add", [])
+                )
+            if not prepared:
+                problems.append(("runtime-dir", f"{where}: no initialize container prepares "
+                                 f"{volume['hostPath'].get('path')} for {owner_ids} (with CHOWN)"))
+        socket = flag_value(server, "--probe-socket", "POD_IDENTITY_AGENT_PROBE_SOCKET")
+        probe_volume, _ = mounted_volume(server, volumes, socket) if socket else (None, None)
+        if not socket or not probe_volume or "emptyDir" not in probe_volume:
+            problems.append(("own-probes", f"{where}: probe socket {socket!r} in volume {probe_volume}"))
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
+                            ("livenessProbe", "/healthz")):
+            command = ((server.get(probe) or {}).get("exec") or {}).get("command")
+            if command != [binary, "probe", socket, path]:
+                problems.append(("own-probes", f"{where}: {probe} is {json.dumps(server.get(probe))}, "
+                                 f"not exec {[binary, 'probe', socket, path]}"))
+    return problems
+
+
+def check_rollout(report, source, docs):
+    problems = rollout_problems(docs)
+    for rule, detail in problems:
+        report.check(False, f"{source}: rollout rule {rule}", detail)
+    if not problems:
+        report.ok(f"{source}: surge rollout with handoff, no ports, probes of the pod's own agent")
+
+
+def break_rollout(docs, how):
+    """A copy of `docs` whose agent DaemonSet breaks one rollout rule."""
+    docs = copy.deepcopy(docs)
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    init = spec["initContainers"][0]
+    if how == "surge":
+        ds["spec"]["updateStrategy"]["rollingUpdate"] = {"maxUnavailable": "10%", "maxSurge": 0}
+    elif how == "no-ports":
+        server["ports"] = [{"name": "metrics", "containerPort": 2705, "hostPort": 2705}]
+    elif how == "handoff":
+        server["env"] = [e for e in server["env"] if e["name"] != "POD_IDENTITY_AGENT_HANDOFF_SOCKET"]
+    elif how == "runtime-dir":
+        init["args"] = [a for a in init["args"] if a != "65532:65532" and a != "--runtime-dir-owner"]
+    elif how == "own-probes":
+        server["readinessProbe"] = {"httpGet": {"host": "127.0.0.1", "path": "/readyz", "port": 2703}}
+    return docs
+
+
+ROLLOUT_RULES = ("surge", "no-ports", "handoff", "runtime-dir", "own-probes")
 
 
 # --- drift between daemonset.yaml and deploy/overlays/eks --------------------
@@ -642,6 +810,13 @@ def main():
             not server_runs_as_non_root({"securityContext": pod_sc}, {"securityContext": sc}),
             f"the non-root rule refuses a server with {pod_sc} / {sc}",
         )
+    for source, docs in [("daemonset.yaml", top_level), *renders.items()]:
+        check_rollout(report, source, docs)
+    # Each rollout rule refuses a manifest that breaks it, and only that rule fires.
+    for rule in ROLLOUT_RULES:
+        fired = {r for r, _ in rollout_problems(break_rollout(top_level, rule))}
+        report.check(fired == {rule}, f"the rollout rule {rule} refuses a manifest that breaks it",
+                     f"rules that fired: {sorted(fired)}")
     check_drift(report, top_level, renders["overlays/eks"])
     check_monitors(report, monitoring + podmonitor, {"daemonset.yaml": top_level, **renders})
     with tempfile.TemporaryDirectory(prefix="validate-deploy-") as tmp:

@@ -69,20 +69,11 @@ pub async fn handle(
     req: Request<Incoming>,
     _peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
-        "/readyz" => match state.readiness.check() {
-            Ok(()) => text(
-                StatusCode::OK,
-                "text/plain; charset=utf-8",
-                "ready\n".into(),
-            ),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                format!("not ready: {why}\n"),
-            ),
-        },
+    let path = req.uri().path();
+    if let Some(answer) = probe(&state.readiness, path) {
+        return answer;
+    }
+    match path {
         "/metrics" => {
             // The whole-cache gauges (entries by state, shortest lifetime in use) are read
             // at scrape time, so alerts see the cache as it is now.
@@ -103,10 +94,33 @@ pub async fn handle(
                 state.metrics.encode(),
             )
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found\n".into(),
-        ),
+        _ => not_found(),
     }
+}
+
+/// The answer to a probe (`/healthz`, `/readyz`) from this process's own state, or `None`
+/// for another path. The probe port and the probe socket both answer through it.
+pub fn probe(readiness: &Readiness, path: &str) -> Option<Response<Full<Bytes>>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    Some(match path {
+        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/readyz" => match readiness.check() {
+            Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => return None,
+    })
+}
+
+/// 404 for a path no admin listener serves.
+pub fn not_found() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "not found\n".into(),
+    )
 }

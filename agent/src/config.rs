@@ -166,6 +166,19 @@ pub enum Command {
     Version,
     /// Keep non-root-readable copies of the node's AWS credential files (hybrid nodes' sidecar).
     CopyCredentials(CopyArgs),
+    /// Ask one agent process, through its --probe-socket, whether it is healthy or ready
+    /// (exit 0) or not (exit 1): the kubelet's exec probe.
+    Probe(ProbeArgs),
+}
+
+/// `pod-identity-agent probe SOCKET [PATH]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeArgs {
+    /// The agent's --probe-socket.
+    pub socket: PathBuf,
+    /// What to ask.
+    #[arg(default_value = "/readyz", value_parser = ["/readyz", "/healthz"])]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -362,6 +375,12 @@ pub struct ServerArgs {
     /// listeners and state through it, then listens on it for the next one.
     #[arg(long)]
     pub handoff_socket: Option<PathBuf>,
+    /// Unix socket that answers `/healthz` and `/readyz` for this process alone (the manifests
+    /// set one in a per-pod emptyDir, asked by `pod-identity-agent probe`): during a handoff
+    /// two agents share the probe port, and a probe of that port could be answered by the
+    /// other one.
+    #[arg(long)]
+    pub probe_socket: Option<PathBuf>,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long)]
@@ -388,8 +407,27 @@ pub struct InitializeArgs {
         default_value = "169.254.170.23/32,fd00:ec2::23/128"
     )]
     pub addresses: Vec<String>,
+    /// Directories the server needs on the node (the handoff socket's), created if missing
+    /// and given to --runtime-dir-owner alone (mode 0700); comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub runtime_dir: Vec<PathBuf>,
+    /// `UID:GID` the --runtime-dir directories belong to: the server's user.
+    #[arg(long, value_parser = parse_owner, requires = "runtime_dir")]
+    pub runtime_dir_owner: Option<(u32, u32)>,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// `UID:GID`, both numeric.
+fn parse_owner(value: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = value
+        .split_once(':')
+        .ok_or_else(|| format!("'{value}' is not UID:GID"))?;
+    let id = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("'{s}' in '{value}' is not a numeric id"))
+    };
+    Ok((id(uid)?, id(gid)?))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -477,6 +515,8 @@ pub struct Config {
     pub startup_taint: Option<String>,
     /// `--handoff-socket`: where listeners and state pass from one agent to the next.
     pub handoff_socket: Option<PathBuf>,
+    /// `--probe-socket`: where this process alone answers its probes.
+    pub probe_socket: Option<PathBuf>,
     /// Where the agent listens, and what its credentials listeners allow.
     pub listen: ListenConfig,
     /// What a cache entry is kept for: each pod, or each association.
@@ -587,7 +627,11 @@ impl ServerArgs {
         let audiences = self.audiences()?;
         let (node_name, pod_watch_timeout) = self.node()?;
         let startup_taint = self.startup_taint(env, node_name.is_some())?;
-        let handoff_socket = self.handoff_socket()?;
+        let handoff_socket = socket_path("handoff-socket", self.handoff_socket.as_deref())?;
+        let probe_socket = socket_path("probe-socket", self.probe_socket.as_deref())?;
+        if probe_socket.is_some() && probe_socket == handoff_socket {
+            return Err(bad("probe-socket", "must not be the --handoff-socket path"));
+        }
         let max_service_qps = self.upstream_budget()?;
         let (max_cache_size, max_retention) = self.cache_bounds()?;
         Ok(Config {
@@ -602,6 +646,7 @@ impl ServerArgs {
             pod_watch_timeout,
             startup_taint,
             handoff_socket,
+            probe_socket,
             listen,
             cache_scope: self.cache_scope,
             max_cache_size,
@@ -925,35 +970,6 @@ impl ServerArgs {
         Ok(Some(key.to_owned()))
     }
 
-    /// `--handoff-socket`: an absolute path whose directory exists (the manifests' init
-    /// container prepares it), short enough for a Unix socket address.
-    fn handoff_socket(&self) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(path) = &self.handoff_socket else {
-            return Ok(None);
-        };
-        if !path.is_absolute() || path.file_name().is_none() {
-            return Err(bad(
-                "handoff-socket",
-                format!("'{}' is not an absolute file path", path.display()),
-            ));
-        }
-        // sun_path holds 108 bytes, the terminating NUL included.
-        if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
-            return Err(bad(
-                "handoff-socket",
-                format!("is longer than {MAX_SOCKET_PATH_BYTES} bytes, the most a Unix socket path may be"),
-            ));
-        }
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        if !dir.is_dir() {
-            return Err(bad(
-                "handoff-socket",
-                format!("directory {} does not exist", dir.display()),
-            ));
-        }
-        Ok(Some(path.clone()))
-    }
-
     /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
     /// default) and the calls in flight at once.
     fn upstream_budget(&self) -> Result<f64, ConfigError> {
@@ -1007,6 +1023,37 @@ impl ServerArgs {
 }
 
 /// `value` in `min..=max`, or an error naming the flag and its bounds.
+/// A Unix socket's path (`--handoff-socket`, `--probe-socket`): absolute, short enough for a
+/// socket address, in a directory that exists (the manifests mount it).
+fn socket_path(flag: &'static str, path: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(bad(
+            flag,
+            format!("'{}' is not an absolute file path", path.display()),
+        ));
+    }
+    // sun_path holds 108 bytes, the terminating NUL included.
+    if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+        return Err(bad(
+            flag,
+            format!(
+                "is longer than {MAX_SOCKET_PATH_BYTES} bytes, the most a Unix socket path may be"
+            ),
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.is_dir() {
+        return Err(bad(
+            flag,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
+    Ok(Some(path.to_owned()))
+}
+
 fn count_within(flag: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         Ok(())
@@ -1187,6 +1234,7 @@ impl Default for Config {
             pod_watch_timeout: DEFAULT_POD_WATCH_TIMEOUT,
             startup_taint: None,
             handoff_socket: None,
+            probe_socket: None,
             cache_scope: CacheScope::Pod,
             max_cache_size: DEFAULT_MAX_CACHE_SIZE,
             max_retention: DEFAULT_MAX_RETENTION,

@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod netlink;
 pub mod pod_object;
 pub mod pods;
+pub mod probe;
+pub mod runtime_dir;
 pub mod server;
 pub mod shutdown;
 pub mod startup_taint;
@@ -84,7 +86,16 @@ pub struct Agent {
     probe_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shutdown: Arc<watch::Sender<bool>>,
+    /// Stops the probe socket, which the handoff's stop leaves answering.
+    probe_stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+}
+
+/// The admin listeners, bound: the probe port, and the metrics port unless it is the same.
+struct AdminListeners {
+    probe_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    listeners: Vec<(&'static str, TcpListener, SocketAddr)>,
 }
 
 /// What the steps of [`Agent::start`] share: the metrics handle, the shutdown signal every
@@ -140,12 +151,29 @@ impl Agent {
             }
         }
         run.spawn_background(&config, &keys, &pods);
-        let credential_addrs = run
-            .serve_credentials(&config, &keys, &cache, pods.clone())
-            .await?;
-        let (probe_addr, metrics_addr, readiness) = run
-            .serve_admin(&config, keys.clone(), cache.clone(), pods.clone())
-            .await?;
+        // Every listener is bound (or taken) before any serves: an agent that cannot open one
+        // exits without having accepted a connection it would then drop.
+        let credentials = run.bind_credentials(&config).await?;
+        let admin = run.bind_admin(&config).await?;
+        let probe_socket = match &config.probe_socket {
+            Some(path) => Some(probe::bind(path).map_err(|e| {
+                StartError::Bind(format!(
+                    "--probe-socket: cannot listen on {}: {e}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        let credential_addrs =
+            run.serve_credentials(&config, credentials, &keys, &cache, pods.clone());
+        let (probe_addr, metrics_addr) = (admin.probe_addr, admin.metrics_addr);
+        let readiness = run.serve_admin(admin, keys.clone(), cache.clone(), pods.clone());
+        // The probe socket outlives a handoff (the old agent stays alive, and says it is not
+        // ready) and stops with the agent.
+        let (probe_stop, probe_stopped) = watch::channel(false);
+        if let Some(listener) = probe_socket {
+            tokio::spawn(probe::serve(listener, readiness.clone(), probe_stopped));
+        }
         run.hand_over_later(&config, shutdown.clone(), cache, keys, pods)
             .await;
         run.remove_startup_taint(&config, client, readiness, started);
@@ -154,6 +182,7 @@ impl Agent {
             probe_addr,
             metrics_addr,
             shutdown,
+            probe_stop,
             tasks: run.tasks,
         })
     }
@@ -180,6 +209,7 @@ impl Agent {
         if drained.is_err() {
             tracing::warn!("shutdown did not finish in time; exiting anyway");
         }
+        self.probe_stop.send_replace(true);
     }
 }
 
@@ -423,15 +453,9 @@ impl Startup {
         CredentialCache::new(backend, settings, self.metrics.clone())
     }
 
-    /// Bind the credentials addresses (those that cannot be bound are skipped, as long as one
-    /// binds) and serve the credentials route on each.
-    async fn serve_credentials(
-        &mut self,
-        config: &Config,
-        keys: &Option<Arc<KeyStore>>,
-        cache: &Arc<CredentialCache>,
-        pods: Option<Arc<NodePods>>,
-    ) -> Result<Vec<SocketAddr>, StartError> {
+    /// Bind (or take over) the credentials addresses; those that cannot be bound are skipped,
+    /// as long as one binds.
+    async fn bind_credentials(&mut self, config: &Config) -> Result<Vec<TcpListener>, StartError> {
         let mut listeners = Vec::new();
         for addr in &config.listen.credential_listeners {
             match self.listener(*addr).await {
@@ -447,6 +471,18 @@ impl Startup {
                 config.listen.credential_hosts().join(", ")
             )));
         }
+        Ok(listeners)
+    }
+
+    /// Serve the credentials route on each of `listeners`.
+    fn serve_credentials(
+        &mut self,
+        config: &Config,
+        listeners: Vec<TcpListener>,
+        keys: &Option<Arc<KeyStore>>,
+        cache: &Arc<CredentialCache>,
+        pods: Option<Arc<NodePods>>,
+    ) -> Vec<SocketAddr> {
         let credential_addrs: Vec<SocketAddr> = listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -489,35 +525,19 @@ impl Startup {
                 move |req, peer| http::handle(state.clone(), req, peer),
             ));
         }
-        Ok(credential_addrs)
+        credential_addrs
     }
 
-    /// The probe and metrics listeners (one listener when both name the same address), then
-    /// readiness: from here on `/readyz` reflects the keys.
-    async fn serve_admin(
-        &mut self,
-        config: &Config,
-        keys: Option<Arc<KeyStore>>,
-        cache: Arc<CredentialCache>,
-        pods: Option<Arc<NodePods>>,
-    ) -> Result<(SocketAddr, SocketAddr, Arc<Readiness>), StartError> {
-        let admin = Arc::new(AdminState {
-            readiness: Arc::new(Readiness {
-                listeners_bound: AtomicBool::new(false),
-                keys,
-                pods,
-                handed_over: self.handed_over.clone(),
-            }),
-            metrics: self.metrics.clone(),
-            cache,
-        });
+    /// Bind (or take over) the probe and metrics listeners: one listener when both name the
+    /// same address.
+    async fn bind_admin(&mut self, config: &Config) -> Result<AdminListeners, StartError> {
         let probe = self
             .bind_one(config.listen.probe_listener, "probe-port")
             .await?;
         let probe_addr = probe
             .local_addr()
             .map_err(|e| StartError::Bind(e.to_string()))?;
-        let mut admin_listeners = vec![("probe", probe, probe_addr)];
+        let mut listeners = vec![("probe", probe, probe_addr)];
         let metrics_addr = if config.listen.metrics_listener == config.listen.probe_listener
             && config.listen.probe_listener.port() != 0
         {
@@ -529,10 +549,35 @@ impl Startup {
             let addr = listener
                 .local_addr()
                 .map_err(|e| StartError::Bind(e.to_string()))?;
-            admin_listeners.push(("metrics", listener, addr));
+            listeners.push(("metrics", listener, addr));
             addr
         };
-        for (name, listener, addr) in admin_listeners {
+        Ok(AdminListeners {
+            probe_addr,
+            metrics_addr,
+            listeners,
+        })
+    }
+
+    /// Serve the admin listeners, then readiness: from here on `/readyz` reflects the keys.
+    fn serve_admin(
+        &mut self,
+        bound: AdminListeners,
+        keys: Option<Arc<KeyStore>>,
+        cache: Arc<CredentialCache>,
+        pods: Option<Arc<NodePods>>,
+    ) -> Arc<Readiness> {
+        let admin = Arc::new(AdminState {
+            readiness: Arc::new(Readiness {
+                listeners_bound: AtomicBool::new(false),
+                keys,
+                pods,
+                handed_over: self.handed_over.clone(),
+            }),
+            metrics: self.metrics.clone(),
+            cache,
+        });
+        for (name, listener, addr) in bound.listeners {
             tracing::info!(listener = name, address = %addr, "listening");
             let admin = admin.clone();
             // Small limits of their own: the metrics port is reachable from every pod.
@@ -556,7 +601,7 @@ impl Startup {
             .readiness
             .listeners_bound
             .store(true, Ordering::Release);
-        Ok((probe_addr, metrics_addr, admin.readiness.clone()))
+        admin.readiness.clone()
     }
 
     /// `--startup-taint`: once `readiness` holds, the taint leaves this node (a task of its

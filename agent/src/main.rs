@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use pod_identity_agent::config::{Cli, Command, Environment, EXIT_USAGE};
-use pod_identity_agent::{defence, logging, netlink, shutdown, Agent};
+use pod_identity_agent::config::{Cli, Command, Environment, ProbeArgs, EXIT_USAGE};
+use pod_identity_agent::{defence, logging, netlink, runtime_dir, shutdown, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(9500);
@@ -38,6 +38,10 @@ fn main() -> ExitCode {
             return usage_error(first.trim_start_matches("error: "));
         }
     };
+    // The kubelet runs the exec probe every few seconds: one thread, nothing else set up.
+    if let Command::Probe(args) = &cli.command {
+        return probe(args);
+    }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Probe(args) => probe(&args),
         Command::Version => {
             println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -160,13 +165,72 @@ fn main() -> ExitCode {
                         list(&report.added),
                         list(&report.already_present)
                     );
-                    ExitCode::SUCCESS
+                    prepare_runtime_dirs(&args.runtime_dir, args.runtime_dir_owner)
                 }
                 Err(e) => {
                     eprintln!("pod-identity-agent initialize: {e}");
                     exit(e.exit_code())
                 }
             }
+        }
+    }
+}
+
+/// `initialize --runtime-dir`: each directory created if missing and given to its owner
+/// alone; the first that cannot be is the error (exit 73, `EX_CANTCREAT`).
+fn prepare_runtime_dirs(dirs: &[std::path::PathBuf], owner: Option<(u32, u32)>) -> ExitCode {
+    const EXIT_CANT_CREATE: i32 = 73;
+    let owner = owner.unwrap_or_else(|| {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    });
+    for dir in dirs {
+        match runtime_dir::prepare(dir, owner) {
+            Ok(done) => println!(
+                "pod-identity-agent initialize: directory {} for {}:{} mode 0700 (created: {}, owner changed: {}, mode changed: {})",
+                dir.display(),
+                owner.0,
+                owner.1,
+                done.created,
+                done.chowned,
+                done.chmodded
+            ),
+            Err(e) => {
+                eprintln!("pod-identity-agent initialize: --runtime-dir: {e}");
+                return exit(EXIT_CANT_CREATE);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `probe SOCKET PATH`: 0 when the agent behind SOCKET answers 200, else 1, with what it said
+/// (the kubelet shows an exec probe's output in the pod's events).
+fn probe(args: &ProbeArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pod-identity-agent probe: cannot start the async runtime: {e}");
+            return exit(1);
+        }
+    };
+    match runtime.block_on(pod_identity_agent::probe::ask(&args.socket, &args.path)) {
+        Ok(answer) => {
+            println!("{} {}: {}", args.path, answer.status, answer.body);
+            if answer.status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                exit(1)
+            }
+        }
+        Err(e) => {
+            println!("{}: {e}", args.path);
+            exit(1)
         }
     }
 }

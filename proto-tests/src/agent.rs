@@ -412,25 +412,7 @@ impl AgentBuilder {
     /// `timeout` is killed and reported with `code: None`.
     pub async fn run_to_exit(self, timeout: Duration) -> Exited {
         let bin = agent_binary();
-        let mut cmd = tokio::process::Command::from(self.command(&bin));
-        cmd.kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(Ok(out)) => Exited {
-                code: out.status.code(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            },
-            Ok(Err(e)) => panic!("wait for {}: {e}", bin.display()),
-            // Dropping the future drops the child, which kills it.
-            Err(_) => Exited {
-                code: None,
-                stdout: String::new(),
-                stderr: format!("(still running after {timeout:?}; killed)"),
-            },
-        }
+        run_within(tokio::process::Command::from(self.command(&bin)), timeout).await
     }
 
     /// Spawn the agent and wait (bounded) until it has announced its
@@ -749,13 +731,25 @@ impl Agent {
         }
     }
 
+    /// Ready as the kubelet would judge it: through the agent's own probe socket when it has
+    /// one (the probe port may be another agent's during a handoff), else the probe port.
     async fn wait_for_ready(&mut self, deadline: Instant) {
         let addr = self.probe_addr();
+        let socket = self.probe_socket();
         loop {
-            let last = match send_to(addr, "GET", "/readyz", &[]).await {
-                Ok(r) if r.status == 200 => return,
-                Ok(r) => format!("{r:?}"),
-                Err(e) => e.to_string(),
+            let last = match &socket {
+                Some(socket) => {
+                    let probe = exec_probe(socket, "/readyz").await;
+                    if probe.code == Some(0) {
+                        return;
+                    }
+                    format!("{probe:?}")
+                }
+                None => match send_to(addr, "GET", "/readyz", &[]).await {
+                    Ok(r) if r.status == 200 => return,
+                    Ok(r) => format!("{r:?}"),
+                    Err(e) => e.to_string(),
+                },
             };
             if let Some(status) = self.poll_exit() {
                 panic!("agent exited ({status}) before ready\n{}", self.logs_text());
@@ -768,6 +762,58 @@ impl Agent {
             }
             tokio::time::sleep(POLL_INTERVAL * 5).await;
         }
+    }
+}
+
+impl Agent {
+    /// The `--probe-socket` this agent was started with.
+    pub fn probe_socket(&self) -> Option<PathBuf> {
+        let args = &self.args;
+        args.iter()
+            .position(|a| a == "--probe-socket")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+    }
+
+    /// The kubelet's exec probe of this agent: `pod-identity-agent probe SOCKET path`.
+    pub async fn exec_probe(&self, path: &str) -> Exited {
+        let socket = self
+            .probe_socket()
+            .expect("the agent was started with --probe-socket");
+        exec_probe(&socket, path).await
+    }
+}
+
+/// `pod-identity-agent probe socket path`, as the kubelet runs an exec probe (bounded at 10 s).
+pub async fn exec_probe(socket: &std::path::Path, path: &str) -> Exited {
+    let mut cmd = tokio::process::Command::new(agent_binary());
+    cmd.arg("probe").arg(socket).arg(path).env_clear();
+    run_within(cmd, Duration::from_secs(10)).await
+}
+
+/// Run `cmd` to its exit and collect its output; a process still running after `timeout` is
+/// killed and reported with `code: None`.
+async fn run_within(mut cmd: tokio::process::Command, timeout: Duration) -> Exited {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.as_std().get_program()));
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => Exited {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        Ok(Err(e)) => panic!("wait for {:?}: {e}", cmd.as_std().get_program()),
+        // Dropping the future drops the child, which kills it.
+        Err(_) => Exited {
+            code: None,
+            stdout: String::new(),
+            stderr: format!("(still running after {timeout:?}; killed)"),
+        },
     }
 }
 

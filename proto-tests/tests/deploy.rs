@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use proto_tests::agent::{agent_binary, AgentBuilder};
 use proto_tests::clients::python_interpreter;
@@ -134,6 +135,7 @@ fn manifests_pass_validate_deploy() {
 // --- flags ---------------------------------------------------------------------
 
 /// A container that runs `pod-identity-agent server`.
+#[derive(Clone)]
 struct ServerContainer {
     name: String,
     args: Vec<String>,
@@ -141,6 +143,54 @@ struct ServerContainer {
     /// The pod mounts its service-account token (`automountServiceAccountToken` not false):
     /// in the cluster, the agent finds the API server.
     api_server: bool,
+    /// Where its volumes are mounted.
+    mounts: Vec<String>,
+    /// Its probes' exec commands, by probe (`startupProbe`, ...).
+    probes: Vec<(String, Vec<String>)>,
+}
+
+impl ServerContainer {
+    /// Its args and env with every volume's mount path replaced by a directory of `root`
+    /// (created), as the kubelet's mounts would make those paths exist.
+    fn mounted_under(&self, root: &Path) -> (Vec<String>, BTreeMap<String, String>) {
+        let mut mounts = self.mounts.clone();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        let local: Vec<(String, PathBuf)> = mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let dir = root.join(format!("volume-{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                (m.clone(), dir)
+            })
+            .collect();
+        let remap = |value: &str| {
+            for (mount, dir) in &local {
+                if let Some(rest) = value.strip_prefix(mount.as_str()) {
+                    if rest.is_empty() || rest.starts_with('/') {
+                        return format!("{}{rest}", dir.display());
+                    }
+                }
+            }
+            value.to_owned()
+        };
+        let env: BTreeMap<String, String> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), remap(v)))
+            .collect();
+        let args = self.args.iter().map(|a| remap(&expand(a, &env))).collect();
+        (args, env)
+    }
+
+    /// A probe's command with the mount paths remapped as [`Self::mounted_under`] does.
+    fn probe_under(&self, command: &[String], root: &Path) -> Vec<String> {
+        let probe = ServerContainer {
+            args: command.to_vec(),
+            ..self.clone()
+        };
+        probe.mounted_under(root).0
+    }
 }
 
 fn server_containers(docs: &[Value]) -> Vec<ServerContainer> {
@@ -175,6 +225,26 @@ fn server_containers(docs: &[Value]) -> Vec<ServerContainer> {
                 .collect();
             let api_server = doc.pointer("/spec/template/spec/automountServiceAccountToken")
                 != Some(&Value::Bool(false));
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            };
+            let mounts = container["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["mountPath"].as_str().map(str::to_owned))
+                .collect();
+            let probes = ["startupProbe", "readinessProbe", "livenessProbe"]
+                .into_iter()
+                .filter_map(|p| {
+                    let command = strings(&container[p]["exec"]["command"]);
+                    (!command.is_empty()).then(|| (p.to_owned(), command))
+                })
+                .collect();
             found.push(ServerContainer {
                 api_server,
                 name: format!(
@@ -187,6 +257,8 @@ fn server_containers(docs: &[Value]) -> Vec<ServerContainer> {
                 ),
                 args,
                 env,
+                mounts,
+                probes,
             });
         }
     }
@@ -234,7 +306,8 @@ fn kubelet_expansion_of_args() {
 /// its environment, plus `--dry-run`: the agent checks every flag and value
 /// and exits 0 without binding or reading anything. A pod that mounts its
 /// service-account token finds the API server in the cluster; here a
-/// kubeconfig stands in for the mount.
+/// kubeconfig stands in for the mount, and a temporary directory for each
+/// volume mount (the handoff and probe sockets' directories).
 #[test]
 fn every_manifest_server_command_passes_the_agents_dry_run() {
     let kube_dir = tempfile::tempdir().unwrap();
@@ -261,14 +334,11 @@ fn every_manifest_server_command_passes_the_agents_dry_run() {
             "{source}: no container runs `pod-identity-agent server`"
         );
         for container in containers {
-            let mut args: Vec<String> = container
-                .args
-                .iter()
-                .map(|a| expand(a, &container.env))
-                .collect();
+            let volumes = tempfile::tempdir().unwrap();
+            let (mut args, env) = container.mounted_under(volumes.path());
             args.push("--dry-run".to_owned());
             let mut command = Command::new(agent_binary());
-            command.args(&args).env_clear().envs(&container.env);
+            command.args(&args).env_clear().envs(&env);
             if container.api_server {
                 command.env("KUBECONFIG", &kubeconfig);
             }
@@ -281,7 +351,7 @@ fn every_manifest_server_command_passes_the_agents_dry_run() {
                     "{source}: {}: `pod-identity-agent {}` with env {:?} exited {}: {}",
                     container.name,
                     args.join(" "),
-                    container.env,
+                    env,
                     out.status,
                     String::from_utf8_lossy(&out.stderr).trim()
                 ));
@@ -289,6 +359,59 @@ fn every_manifest_server_command_passes_the_agents_dry_run() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every exec probe the manifests declare, run as the kubelet runs it inside the server's
+/// container, against a real agent started with that container's probe socket: it passes
+/// while the agent serves, and fails once the agent is gone (a socket nobody answers).
+#[tokio::test]
+async fn every_manifest_exec_probe_asks_the_containers_own_agent() {
+    let mut sources = vec![("daemonset.yaml".to_owned(), read("daemonset.yaml"))];
+    for overlay in OVERLAYS {
+        let dir = format!("deploy/overlays/{overlay}");
+        let text = kustomize(&dir);
+        sources.push((dir, text));
+    }
+    let bed = TestBed::start().await;
+    for (source, text) in &sources {
+        for container in server_containers(&yaml_documents(text, source)) {
+            assert_eq!(container.probes.len(), 3, "{source}: {}", container.name);
+            let volumes = tempfile::tempdir().unwrap();
+            let (args, env) = container.mounted_under(volumes.path());
+            let socket = args
+                .iter()
+                .position(|a| a == "--probe-socket")
+                .map(|i| args[i + 1].clone())
+                .or_else(|| env.get("POD_IDENTITY_AGENT_PROBE_SOCKET").cloned())
+                .unwrap_or_else(|| panic!("{source}: {} has no probe socket", container.name));
+            let mut agent = AgentBuilder::new(bed.upstream.url())
+                .arg("--jwks-file")
+                .arg(bed.jwks_path())
+                .args(["--probe-socket", &socket])
+                .start()
+                .await;
+            let run = |command: Vec<String>| async move {
+                assert_eq!(command[1], "probe", "{command:?}");
+                proto_tests::agent::exec_probe(command[2].as_ref(), &command[3]).await
+            };
+            for (probe, command) in &container.probes {
+                let command = container.probe_under(command, volumes.path());
+                assert_eq!(command.len(), 4, "{source}: {probe}: {command:?}");
+                let answer = run(command.clone()).await;
+                assert_eq!(answer.code, Some(0), "{source}: {probe}: {answer:?}");
+            }
+            agent.signal(nix::sys::signal::Signal::SIGKILL);
+            agent.wait_exit(Duration::from_secs(5)).await;
+            for (probe, command) in &container.probes {
+                let answer = run(container.probe_under(command, volumes.path())).await;
+                assert_eq!(
+                    answer.code,
+                    Some(1),
+                    "{source}: {probe} of a dead agent: {answer:?}"
+                );
+            }
+        }
+    }
 }
 
 // --- metric names ------------------------------------------------------------
@@ -515,6 +638,7 @@ fn monitoring_queries() -> Vec<(String, String)> {
 /// server) and the sts backend's associations.
 async fn scrape_after_one_request() -> String {
     let api = FakeKubeApi::start().await;
+    let runtime = tempfile::tempdir().unwrap();
     let pod = Pod::new("team-a", "app", "app-0");
     let pod_ip = IpAddr::from([127, 0, 0, 10]);
     api.add_pod(KubePod::of(&pod, "node-a", pod_ip));
@@ -526,6 +650,8 @@ async fn scrape_after_one_request() -> String {
         ))
         .args(["--node-name", "node-a", "--caller-attestation", "pod"])
         .args(["--startup-taint", "pod-identity-agent/not-ready"])
+        .arg("--handoff-socket")
+        .arg(runtime.path().join("handoff.sock"))
         .env("KUBECONFIG", api.kubeconfig())
         .start()
         .await;

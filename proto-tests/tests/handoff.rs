@@ -23,6 +23,9 @@ const NODE: &str = "node-handoff";
 struct Node {
     ports: [u16; 3],
     dir: TempDir,
+    /// Agents started on this node so far: each gets its own probe socket, as each pod has
+    /// its own emptyDir.
+    agents: std::sync::atomic::AtomicUsize,
 }
 
 impl Node {
@@ -34,11 +37,22 @@ impl Node {
         let dir = tempfile::tempdir().expect("temp dir");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        Node { ports, dir }
+        Node {
+            ports,
+            dir,
+            agents: Default::default(),
+        }
     }
 
     fn socket(&self) -> PathBuf {
         self.dir.path().join("handoff.sock")
+    }
+
+    /// `--probe-socket` for the next agent of this node: a path of its own.
+    fn probe_socket_args(&self) -> [String; 2] {
+        let n = self.agents.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("probe-{n}.sock"));
+        ["--probe-socket".into(), path.display().to_string()]
     }
 
     fn credentials(&self) -> SocketAddr {
@@ -74,10 +88,15 @@ fn next_agent(bed: &TestBed, node: &Node, handoff: bool) -> AgentBuilder {
         .arg("--jwks-file")
         .arg(bed.jwks_path())
         .args(node.args(handoff))
+        .args(node.probe_socket_args())
 }
 
 async fn first_agent(node: &Node) -> TestBed {
-    TestBed::builder().args(node.args(true)).start().await
+    TestBed::builder()
+        .args(node.args(true))
+        .args(node.probe_socket_args())
+        .start()
+        .await
 }
 
 /// What a client saw over a run: answers by kind.
@@ -740,4 +759,58 @@ async fn a_new_agent_that_fails_to_start_leaves_the_old_one_serving() {
     .expect("the old agent still accepts");
     assert_eq!(r.status, 200);
     assert_eq!(bed.agent.probe("/readyz").await.status, 200);
+}
+
+/// The kubelet's exec probe asks its own container's agent, through the probe socket in its
+/// pod: a new agent that could not start fails its probe although the old one, which holds
+/// the shared probe port, answers that port with 200. After a handoff the old agent is alive
+/// but not ready, and the new one is ready.
+#[tokio::test]
+async fn the_exec_probe_asks_its_own_agent_not_whichever_holds_the_probe_port() {
+    let node = Node::new();
+    let bed = first_agent(&node).await;
+    let pods = warm(&bed, 1).await;
+    assert_eq!(bed.agent.exec_probe("/readyz").await.code, Some(0));
+
+    // A new version that cannot start: its own probe fails, the shared port says ready.
+    let [flag, failed_socket] = node.probe_socket_args();
+    let exited = next_agent(&bed, &node, true)
+        .args([flag.as_str(), failed_socket.as_str()])
+        .args(["--max-cache-size", "18446744073709551615"])
+        .run_to_exit(Duration::from_secs(10))
+        .await;
+    assert_eq!(exited.code, Some(64), "{}", exited.stderr);
+    let probe = proto_tests::agent::exec_probe(failed_socket.as_ref(), "/readyz").await;
+    assert_eq!(probe.code, Some(1), "{probe:?}");
+    assert!(probe.stdout.contains("cannot connect"), "{probe:?}");
+    assert_eq!(
+        bed.agent.probe("/readyz").await.status,
+        200,
+        "a probe of the shared port is answered by the old agent"
+    );
+
+    // A new version that takes over: it is ready, the old one alive and not ready.
+    let b = next_agent(&bed, &node, true).start().await;
+    wait_until_handed_over(&bed.agent).await;
+    let old_ready = bed.agent.exec_probe("/readyz").await;
+    assert_eq!(old_ready.code, Some(1), "{old_ready:?}");
+    assert!(old_ready.stdout.contains("handed over"), "{old_ready:?}");
+    assert_eq!(bed.agent.exec_probe("/healthz").await.code, Some(0));
+    let new_ready = b.exec_probe("/readyz").await;
+    assert_eq!(new_ready.code, Some(0), "{new_ready:?}");
+    assert_eq!(
+        b.fetch_credentials(&pods[0].0).await.status,
+        200,
+        "the new agent serves the pod"
+    );
+}
+
+/// Until the old agent logs that it has handed over (bounded). Its metrics port is the new
+/// agent's by then.
+async fn wait_until_handed_over(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.logs_text().contains("handed over to the next agent") {
+        assert!(Instant::now() < deadline, "no handoff within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -352,19 +352,7 @@ pub fn listen(path: &Path, taken: Option<StdUnixListener>) -> std::io::Result<Un
             return UnixListener::from_std(listener);
         }
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // Created under a umask that leaves it to its owner alone, then made so explicitly.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    crate::server::bind_owner_only(path)
 }
 
 impl Giver {
