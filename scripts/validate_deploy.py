@@ -17,7 +17,8 @@ What it checks, each reported as one line:
 - cross-object wiring no schema sees: $(VAR) references, volume mounts,
   probe ports, Service and monitor selectors, capabilities the image needs;
 - the rollout: every agent DaemonSet hands over through a handoff socket in
-  a hostPath directory its init container prepares for the server's user,
+  a hostPath directory its init container prepares for the server's user
+  (the audit log's directory too),
   surges (maxSurge 1, maxUnavailable 0), declares no port, and probes its own
   process through a probe socket in an emptyDir (each rule shown to refuse a
   manifest that breaks it);
@@ -513,6 +514,8 @@ def rollout_problems(docs):
     - `handoff`: sets --handoff-socket, in a hostPath volume mounted in the server;
     - `runtime-dir`: an init container running `initialize` mounts the same volume and
       prepares that directory (--runtime-dir) for the server's uid:gid (--runtime-dir-owner);
+    - `audit`: sets --audit-log, in a hostPath volume (the node's log shipper collects it)
+      that an `initialize` container prepares for the server's uid:gid as well;
     - `surge`: RollingUpdate with maxSurge 1 and maxUnavailable 0;
     - `no-ports`: in the host network, no container declares a port (each would be a
       hostPort, and the surge pod would never be scheduled beside the old one);
@@ -544,14 +547,12 @@ def rollout_problems(docs):
             for c in spec.get("initContainers", []) + spec.get("containers", []):
                 if c.get("ports"):
                     problems.append(("no-ports", f"{where} container {c['name']} declares {c['ports']}"))
-        handoff = flag_value(server, "--handoff-socket", "POD_IDENTITY_AGENT_HANDOFF_SOCKET")
-        volume, directory = mounted_volume(server, volumes, handoff) if handoff else (None, None)
-        if not handoff or not volume or "hostPath" not in volume:
-            problems.append(("handoff", f"{where}: handoff socket {handoff!r} in volume {volume}"))
-        else:
-            sc = {**(spec.get("securityContext") or {}), **(server.get("securityContext") or {})}
-            owner_ids = f"{sc.get('runAsUser')}:{sc.get('runAsGroup', sc.get('runAsUser'))}"
-            prepared = False
+        sc = {**(spec.get("securityContext") or {}), **(server.get("securityContext") or {})}
+        owner_ids = f"{sc.get('runAsUser')}:{sc.get('runAsGroup', sc.get('runAsUser'))}"
+
+        def prepared_by_init(volume):
+            """An `initialize` container mounts this hostPath and gives it to the server's
+            uid:gid (--runtime-dir, --runtime-dir-owner, CHOWN)."""
             for init in spec.get("initContainers", []):
                 if (init.get("args") or [None])[0] != "initialize":
                     continue
@@ -560,14 +561,24 @@ def rollout_problems(docs):
                                    and volumes[m["name"]].get("hostPath") == volume["hostPath"]), None)
                 dirs = flag_value(init, "--runtime-dir", "POD_IDENTITY_AGENT_RUNTIME_DIR")
                 ids = flag_value(init, "--runtime-dir-owner", "POD_IDENTITY_AGENT_RUNTIME_DIR_OWNER")
-                prepared |= bool(
-                    init_mount and dirs
-                    and init_mount["mountPath"].rstrip("/") in [d.rstrip("/") for d in dirs.split(",")]
-                    and ids == owner_ids
-                    and "CHOWN" in ((init.get("securityContext") or {}).get("capabilities") or {}).get("add", [])
-                )
-            if not prepared:
-                problems.append(("runtime-dir", f"{where}: no initialize container prepares "
+                if (init_mount and dirs
+                        and init_mount["mountPath"].rstrip("/") in [d.rstrip("/") for d in dirs.split(",")]
+                        and ids == owner_ids
+                        and "CHOWN" in ((init.get("securityContext") or {}).get("capabilities") or {}).get("add", [])):
+                    return True
+            return False
+
+        # The handoff socket's and the audit log's directories: node directories (hostPath),
+        # each prepared for the server's user by the init container.
+        for rule, flag, prepared_rule in (("handoff", "--handoff-socket", "runtime-dir"),
+                                          ("audit", "--audit-log", "audit")):
+            env = "POD_IDENTITY_AGENT_" + flag[2:].upper().replace("-", "_")
+            path = flag_value(server, flag, env)
+            volume, _ = mounted_volume(server, volumes, path) if path else (None, None)
+            if not path or not volume or "hostPath" not in volume:
+                problems.append((rule, f"{where}: {flag} {path!r} in volume {volume}"))
+            elif not prepared_by_init(volume):
+                problems.append((prepared_rule, f"{where}: no initialize container prepares "
                                  f"{volume['hostPath'].get('path')} for {owner_ids} (with CHOWN)"))
         socket = flag_value(server, "--probe-socket", "POD_IDENTITY_AGENT_PROBE_SOCKET")
         probe_volume, _ = mounted_volume(server, volumes, socket) if socket else (None, None)
@@ -604,13 +615,15 @@ def break_rollout(docs, how):
     elif how == "handoff":
         server["env"] = [e for e in server["env"] if e["name"] != "POD_IDENTITY_AGENT_HANDOFF_SOCKET"]
     elif how == "runtime-dir":
-        init["args"] = [a for a in init["args"] if a != "65532:65532" and a != "--runtime-dir-owner"]
+        init["args"] = [a.replace("/run/pod-identity-agent,", "") for a in init["args"]]
+    elif how == "audit":
+        server["env"] = [e for e in server["env"] if e["name"] != "POD_IDENTITY_AGENT_AUDIT_LOG"]
     elif how == "own-probes":
         server["readinessProbe"] = {"httpGet": {"host": "127.0.0.1", "path": "/readyz", "port": 2703}}
     return docs
 
 
-ROLLOUT_RULES = ("surge", "no-ports", "handoff", "runtime-dir", "own-probes")
+ROLLOUT_RULES = ("surge", "no-ports", "handoff", "runtime-dir", "audit", "own-probes")
 
 
 # --- drift between daemonset.yaml and deploy/overlays/eks --------------------

@@ -33,11 +33,23 @@ const COMMAND_LINE_ONLY: &[(&str, &str)] = &[
     ("dev", "port"),
     ("copy-credentials", "file"),
     ("copy-credentials", "interval"),
+    ("audit", "access_key_id"),
+    ("audit", "pod_uid"),
+    ("audit", "namespace"),
 ];
 
 // Defaults that are also read outside the command line (`Config::default` for tests and the
 // demo, `RequestLimits::default`, the listeners' own defaults). Each is written here once and
 // given to clap, so `--help`, the daemon and the tests cannot drift apart.
+
+/// Rotated audit logs kept by default (the contract's 5).
+pub const DEFAULT_AUDIT_LOG_MAX_FILES: u64 = 5;
+/// An audit log smaller than a few records would rotate at every write.
+const MIN_AUDIT_LOG_SIZE: u64 = 4 << 10;
+/// A node's disk, not a bound anyone needs: 1 TiB.
+const MAX_AUDIT_LOG_SIZE: u64 = 1 << 40;
+/// Rotated files: each is renamed at every rotation, so thousands would make rotation slow.
+const MAX_AUDIT_LOG_FILES: u64 = 1000;
 
 /// Cached entries: a node rarely runs more than a few hundred pods.
 pub const DEFAULT_MAX_CACHE_SIZE: u64 = 2000;
@@ -169,6 +181,25 @@ pub enum Command {
     /// Ask one agent process, through its --probe-socket, whether it is healthy or ready
     /// (exit 0) or not (exit 1): the kubelet's exec probe.
     Probe(ProbeArgs),
+    /// Print the audit log's records that match, rotated files included, oldest first: from
+    /// an access key ID seen in CloudTrail to the pods that held it.
+    Audit(AuditArgs),
+}
+
+/// `pod-identity-agent audit PATH [--access-key-id ID] [--pod-uid UID] [--namespace NS]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    /// The agent's --audit-log.
+    pub path: PathBuf,
+    /// Only records of this access key ID.
+    #[arg(long)]
+    pub access_key_id: Option<String>,
+    /// Only records of this pod UID.
+    #[arg(long)]
+    pub pod_uid: Option<String>,
+    /// Only records of this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
 }
 
 /// `pod-identity-agent probe SOCKET [PATH]`.
@@ -381,6 +412,17 @@ pub struct ServerArgs {
     /// other one.
     #[arg(long)]
     pub probe_socket: Option<PathBuf>,
+    /// Append one JSON line to this file for each first delivery of an access key to a pod
+    /// (who received which credentials, for an investigation that starts from CloudTrail).
+    /// Needs local verification.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Size past which the audit log is rotated: bytes, or with `KiB`, `MiB` or `GiB`.
+    #[arg(long, default_value = "100MiB")]
+    pub audit_log_max_size: String,
+    /// Rotated audit logs kept (`PATH.1` newest ... `PATH.N` oldest).
+    #[arg(long, default_value_t = DEFAULT_AUDIT_LOG_MAX_FILES)]
+    pub audit_log_max_files: u64,
     /// Accept verification keys over plain http from addresses other than loopback (a key
     /// injected on the way forges any pod's identity). Logged at start and exported.
     #[arg(long)]
@@ -517,6 +559,8 @@ pub struct Config {
     pub handoff_socket: Option<PathBuf>,
     /// `--probe-socket`: where this process alone answers its probes.
     pub probe_socket: Option<PathBuf>,
+    /// `--audit-log`: where first deliveries of credentials to pods are recorded.
+    pub audit: Option<AuditConfig>,
     /// Where the agent listens, and what its credentials listeners allow.
     pub listen: ListenConfig,
     /// What a cache entry is kept for: each pod, or each association.
@@ -529,6 +573,17 @@ pub struct Config {
     pub max_service_qps: f64,
     /// Upstream calls in flight at once.
     pub max_upstream_concurrency: usize,
+}
+
+/// The audit log (`--audit-log`): its file and its rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The file records are appended to.
+    pub path: PathBuf,
+    /// Past this many bytes the file is rotated.
+    pub max_size: u64,
+    /// Rotated files kept.
+    pub max_files: u32,
 }
 
 /// Where the credentials come from, and with which of the agent's own credentials it asks.
@@ -632,6 +687,7 @@ impl ServerArgs {
         if probe_socket.is_some() && probe_socket == handoff_socket {
             return Err(bad("probe-socket", "must not be the --handoff-socket path"));
         }
+        let audit = self.audit(key_source.is_some())?;
         let max_service_qps = self.upstream_budget()?;
         let (max_cache_size, max_retention) = self.cache_bounds()?;
         Ok(Config {
@@ -647,6 +703,7 @@ impl ServerArgs {
             startup_taint,
             handoff_socket,
             probe_socket,
+            audit,
             listen,
             cache_scope: self.cache_scope,
             max_cache_size,
@@ -970,6 +1027,70 @@ impl ServerArgs {
         Ok(Some(key.to_owned()))
     }
 
+    /// `--audit-log` and its rotation: a file in a directory that exists, a size and a count
+    /// within bounds. Records name the pod a verified token says asked, so the log needs
+    /// local verification: an unverified token's claims are whatever its holder wrote.
+    fn audit(&self, verifying: bool) -> Result<Option<AuditConfig>, ConfigError> {
+        let max_size = parse_size(&self.audit_log_max_size).ok_or_else(|| {
+            bad(
+                "audit-log-max-size",
+                format!(
+                    "'{}' is not a size (bytes, or a number with KiB, MiB or GiB)",
+                    self.audit_log_max_size
+                ),
+            )
+        })?;
+        count_within(
+            "audit-log-max-size",
+            max_size,
+            MIN_AUDIT_LOG_SIZE,
+            MAX_AUDIT_LOG_SIZE,
+        )?;
+        count_within(
+            "audit-log-max-files",
+            self.audit_log_max_files,
+            1,
+            MAX_AUDIT_LOG_FILES,
+        )?;
+        let Some(path) = &self.audit_log else {
+            return Ok(None);
+        };
+        if path.file_name().is_none() || path.as_os_str().is_empty() {
+            return Err(bad(
+                "audit-log",
+                format!("'{}' is not a file path", path.display()),
+            ));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(bad(
+                "audit-log",
+                format!("directory {} does not exist", dir.display()),
+            ));
+        }
+        if path.is_dir() {
+            return Err(bad(
+                "audit-log",
+                format!("{} is a directory", path.display()),
+            ));
+        }
+        if !verifying {
+            return Err(bad(
+                "audit-log",
+                "needs local verification (--jwks-file, --jwks-url, --issuer, or keys from the \
+                 Kubernetes API): without it the agent does not know which pod asked",
+            ));
+        }
+        Ok(Some(AuditConfig {
+            path: path.clone(),
+            max_size,
+            max_files: self.audit_log_max_files as u32,
+        }))
+    }
+
     /// The upstream budget: the refresh rate (upstream's meaning: zero or less is the
     /// default) and the calls in flight at once.
     fn upstream_budget(&self) -> Result<f64, ConfigError> {
@@ -1023,6 +1144,25 @@ impl ServerArgs {
 }
 
 /// `value` in `min..=max`, or an error naming the flag and its bounds.
+/// A size in bytes: a number, or a number with `KiB`, `MiB` or `GiB` (also `K`, `M`, `G`,
+/// `KB`...; all binary), without overflow.
+fn parse_size(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
 /// A Unix socket's path (`--handoff-socket`, `--probe-socket`): absolute, short enough for a
 /// socket address, in a directory that exists (the manifests mount it).
 fn socket_path(flag: &'static str, path: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
@@ -1235,6 +1375,7 @@ impl Default for Config {
             startup_taint: None,
             handoff_socket: None,
             probe_socket: None,
+            audit: None,
             cache_scope: CacheScope::Pod,
             max_cache_size: DEFAULT_MAX_CACHE_SIZE,
             max_retention: DEFAULT_MAX_RETENTION,

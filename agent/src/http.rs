@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::attest::{AttestError, Attestation};
+use crate::audit::AuditLog;
 use crate::cache::{CacheError, CredentialCache};
 use crate::defence::{self, Defence};
 use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
@@ -102,6 +103,8 @@ pub struct AppState {
     /// `--node-name` and `--caller-attestation`: tokens bound to another node, and callers
     /// that are not the token's pod, are refused.
     pub attest: Attestation,
+    /// `--audit-log`: first deliveries of a key to a pod, recorded before the answer.
+    pub audit: Option<AuditLog>,
 }
 
 /// Addresses the agent is bound to, as the Host header may name them.
@@ -467,7 +470,26 @@ async fn credentials(
         progress.set(Pending::Caller);
         state.attest.check(&identity, peer.ip()).await?;
         progress.set(Pending::Credentials);
-        Ok(state.cache.get(&identity).await?)
+        let (creds, delivery) = state.cache.serve(&identity).await?;
+        // A hit recorded already costs the claim's one check; the record's future is built
+        // only for a first delivery.
+        if let Some((audit, claimed)) = state
+            .audit
+            .as_ref()
+            .and_then(|audit| Some((audit, audit.claim(&identity, &creds)?)))
+        {
+            // The pod gets its credentials whatever became of the record: the failure is
+            // counted (and alerted on), and logged here at most a few times a minute.
+            let recorded = audit.record(claimed, &identity, &creds, delivery, peer.ip());
+            if let Err(e) = recorded.await {
+                if let LogDecision::Log { suppressed } =
+                    state.refusal_logs.check("AuditWriteFailed", Instant::now())
+                {
+                    tracing::error!(error = %e, suppressed, "audit record not written; the request is served");
+                }
+            }
+        }
+        Ok(creds)
     };
     if !defence::on(Defence::EdgeDeadline) {
         return answer.await;

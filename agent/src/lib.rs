@@ -10,10 +10,12 @@
 pub mod admin;
 pub mod associations;
 pub mod attest;
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod copy;
 pub mod defence;
+pub mod deliveries;
 pub mod dev;
 pub mod handoff;
 pub mod http;
@@ -227,6 +229,7 @@ fn features(config: &Config) -> Features {
         associations: config.upstream.backend == BackendKind::Sts,
         startup_taint: config.startup_taint.is_some(),
         handoff: config.handoff_socket.is_some(),
+        audit: config.audit.is_some(),
     }
 }
 
@@ -507,6 +510,15 @@ impl Startup {
                 node: attest::NodeBinding::new(config.node_name.clone(), config.require_node_claim),
                 pods,
             },
+            audit: config.audit.as_ref().map(|audit| {
+                tracing::info!(file = %audit.path.display(), max_size = audit.max_size, max_files = audit.max_files, "audit log: recording first deliveries of each key to each pod");
+                audit::AuditLog::start(
+                    audit,
+                    config.cache_scope,
+                    config.node_name.clone(),
+                    self.metrics.clone(),
+                )
+            }),
         });
         for (listener, addr) in listeners.into_iter().zip(&credential_addrs) {
             tracing::info!(listener = "credentials", address = %addr, "listening");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use pod_identity_agent::config::{Cli, Command, Environment, ProbeArgs, EXIT_USAGE};
+use pod_identity_agent::config::{AuditArgs, Cli, Command, Environment, ProbeArgs, EXIT_USAGE};
 use pod_identity_agent::{defence, logging, netlink, runtime_dir, shutdown, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
@@ -41,6 +41,9 @@ fn main() -> ExitCode {
     // The kubelet runs the exec probe every few seconds: one thread, nothing else set up.
     if let Command::Probe(args) = &cli.command {
         return probe(args);
+    }
+    if let Command::Audit(args) = &cli.command {
+        return audit(args);
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Probe(args) => probe(&args),
+        Command::Audit(args) => audit(&args),
         Command::Version => {
             println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -231,6 +235,45 @@ fn probe(args: &ProbeArgs) -> ExitCode {
         Err(e) => {
             println!("{}: {e}", args.path);
             exit(1)
+        }
+    }
+}
+
+/// `audit PATH [filters]`: the matching records on stdout, one JSON object per line; exit 0
+/// when some matched, 1 when none did, 2 when the log cannot be read (grep's convention).
+fn audit(args: &AuditArgs) -> ExitCode {
+    let filter = pod_identity_agent::audit::Filter {
+        access_key_id: args.access_key_id.clone(),
+        pod_uid: args.pod_uid.clone(),
+        namespace: args.namespace.clone(),
+    };
+    match pod_identity_agent::audit::search(&args.path, &filter) {
+        Ok(found) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for line in &found.lines {
+                if writeln!(out, "{line}").is_err() {
+                    return exit(2);
+                }
+            }
+            if found.unreadable > 0 {
+                eprintln!(
+                    "pod-identity-agent audit: {} line(s) that are not records were skipped",
+                    found.unreadable
+                );
+            }
+            if found.lines.is_empty() {
+                exit(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "pod-identity-agent audit: cannot read {}: {e}",
+                args.path.display()
+            );
+            exit(2)
         }
     }
 }

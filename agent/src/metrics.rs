@@ -88,6 +88,8 @@ pub struct Features {
     pub startup_taint: bool,
     /// `--handoff-socket`: listeners and state passed between agents.
     pub handoff: bool,
+    /// `--audit-log`: first deliveries of keys to pods, recorded.
+    pub audit: bool,
 }
 
 impl Features {
@@ -99,6 +101,7 @@ impl Features {
         associations: true,
         startup_taint: true,
         handoff: true,
+        audit: true,
     };
 }
 
@@ -268,6 +271,15 @@ families! {
     /// Answers of the Kubernetes API server cut off at their size bound (a watch line, a list page, an object), by request kind
     #[only(kubernetes_api)]
     kubernetes_oversized_answers: CounterVec,
+    /// Audit records written (first deliveries of an access key to a pod), by origin: upstream, cache
+    #[only(audit)]
+    audit_records: CounterVec,
+    /// Audit records that could not be written (the request was still served)
+    #[only(audit)]
+    audit_write_failures: Counter,
+    /// Audit log rotations
+    #[only(audit)]
+    audit_rotations: Counter,
 }
 
 /// Counters of one label: the method that counts, the label's name, and the family.
@@ -294,6 +306,7 @@ counted_by_label! {
     startup_taint_attempt("result") => startup_taint_attempts;
     handoff_given("result") => handoffs_given;
     handoff_taken("result") => handoffs_taken;
+    audit_record("origin") => audit_records;
 }
 
 impl Default for Metrics {
@@ -423,6 +436,7 @@ mod tests {
             associations: false,
             startup_taint: false,
             handoff: false,
+            audit: false,
         });
         // Counting into a family that is not registered is harmless and invisible.
         off.pod_watch_synced.set(0);
@@ -444,6 +458,8 @@ mod tests {
             "handoffs_taken",
             "handoff_entries",
             "handoff_duration_seconds",
+            "audit_records",
+            "audit_write_failures",
             "pod_lookups",
             "malformed_pods",
             "kubernetes_requests",

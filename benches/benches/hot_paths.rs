@@ -18,8 +18,9 @@ use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kube::runtime::watcher::Event;
 use pod_identity_agent::attest::{Attestation, NodeBinding};
+use pod_identity_agent::audit::AuditLog;
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
-use pod_identity_agent::config::{CacheScope, DEFAULT_AUDIENCE};
+use pod_identity_agent::config::{AuditConfig, CacheScope, DEFAULT_AUDIENCE};
 use pod_identity_agent::http::credentials_response;
 use pod_identity_agent::keys::{KeySet, KeyStore};
 use pod_identity_agent::metrics::Metrics;
@@ -187,6 +188,128 @@ fn cache_hit(c: &mut Criterion) {
     group.finish();
 }
 
+/// The cache-hit path with the audit log on and off (`--audit-log`): a hit whose delivery was
+/// recorded already does one more check, the extra cost of the audit log on every request
+/// but a pod's first one for a key.
+fn audit_hit(c: &mut Criterion) {
+    let rt = runtime();
+    let issuer = Issuer::generate(Alg::Es256).expect("signing key");
+    let cache = bench_cache();
+    let identities: Vec<Identity> = (0..CACHED_PODS)
+        .map(|i| identity(&issuer, &Pod::numbered("audit", i)))
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let audit = AuditLog::start(
+        &AuditConfig {
+            path: dir.path().join("audit.log"),
+            max_size: 1 << 30,
+            max_files: 1,
+        },
+        CacheScope::Pod,
+        Some("node-bench".into()),
+        Metrics::new(),
+    );
+    rt.block_on(async {
+        for (i, id) in identities.iter().enumerate() {
+            let (creds, delivery) = cache.serve(id).await.expect("first fetch fills the cache");
+            audit
+                .deliver(id, &creds, delivery, pod_ip(i))
+                .await
+                .expect("first delivery recorded");
+        }
+    });
+    let mut group = c.benchmark_group("cache_hit_audit");
+    group.throughput(Throughput::Elements(1));
+    for (name, pods) in [("one_pod", 1), ("cycling_pods_2000", CACHED_PODS)] {
+        group.bench_function(BenchmarkId::new("off", name), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for i in 0..iters as usize {
+                        let id = &identities[i % pods];
+                        let _ = black_box(cache.serve(black_box(id)).await);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("on", name), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for i in 0..iters as usize {
+                        let id = &identities[i % pods];
+                        // As the request path does it: the claim, and a record only for a
+                        // first delivery (none here: every pod's was recorded above).
+                        if let Ok((creds, delivery)) = cache.serve(black_box(id)).await {
+                            if let Some(claimed) = audit.claim(id, &creds) {
+                                let source = pod_ip(i % pods);
+                                let recorded = audit.record(claimed, id, &creds, delivery, source);
+                                let _ = black_box(recorded.await);
+                            }
+                        }
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+    // Criterion times "off" and "on" minutes apart, and on a shared machine the drift between
+    // them can exceed the difference sought: here the two take turns in short rounds, and the
+    // median of the per-round differences is the audit log's cost of a recorded hit.
+    for (name, pods) in [("one_pod", 1), ("cycling_pods_2000", CACHED_PODS)] {
+        const ROUNDS: usize = 41;
+        const PER_ROUND: usize = 20_000;
+        let mut off = Vec::with_capacity(ROUNDS);
+        let mut on = Vec::with_capacity(ROUNDS);
+        rt.block_on(async {
+            for _ in 0..ROUNDS {
+                let started = Instant::now();
+                for i in 0..PER_ROUND {
+                    let _ = black_box(cache.serve(black_box(&identities[i % pods])).await);
+                }
+                off.push(started.elapsed().as_nanos() as f64 / PER_ROUND as f64);
+                let started = Instant::now();
+                for i in 0..PER_ROUND {
+                    let id = &identities[i % pods];
+                    if let Ok((creds, delivery)) = cache.serve(black_box(id)).await {
+                        if let Some(claimed) = audit.claim(id, &creds) {
+                            let source = pod_ip(i % pods);
+                            let _ = black_box(
+                                audit.record(claimed, id, &creds, delivery, source).await,
+                            );
+                        }
+                    }
+                }
+                on.push(started.elapsed().as_nanos() as f64 / PER_ROUND as f64);
+            }
+        });
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let mut extra: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a - b).collect();
+        println!(
+            "cache_hit_audit {name}: off {:.1} ns, on {:.1} ns, extra {:.1} ns (medians of {ROUNDS} alternating rounds)",
+            median(&mut off),
+            median(&mut on),
+            median(&mut extra)
+        );
+    }
+    let written = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+    assert_eq!(
+        written.lines().count(),
+        CACHED_PODS,
+        "only first deliveries were recorded"
+    );
+    println!(
+        "audit log: {} records, {} bytes each on average",
+        CACHED_PODS,
+        written.len() / CACHED_PODS
+    );
+}
+
 /// Pod `i`'s address: 10.x.y.1, one per pod.
 fn pod_ip(i: usize) -> IpAddr {
     IpAddr::from([10, (i / 256) as u8, (i % 256) as u8, 1])
@@ -290,5 +413,5 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(hot_paths, verify, cache_hit, attest, encode);
+criterion_group!(hot_paths, verify, cache_hit, audit_hit, attest, encode);
 criterion_main!(hot_paths);

@@ -652,6 +652,8 @@ async fn scrape_after_one_request() -> String {
         .args(["--startup-taint", "pod-identity-agent/not-ready"])
         .arg("--handoff-socket")
         .arg(runtime.path().join("handoff.sock"))
+        .arg("--audit-log")
+        .arg(runtime.path().join("audit.log"))
         .env("KUBECONFIG", api.kubeconfig())
         .start()
         .await;

@@ -1,6 +1,6 @@
 //! Logs: JSON lines, and never a secret. Every token sent and every secret
 //! issued during a mixed run of good and bad requests is searched for in
-//! everything the agent wrote.
+//! everything the agent wrote: its log and its audit log.
 
 use std::time::Duration;
 
@@ -9,7 +9,13 @@ use proto_tests::{Fault, Pod, TestBed, TestKeys};
 
 #[tokio::test]
 async fn no_secret_or_token_reaches_the_logs() {
-    let mut bed = TestBed::start().await;
+    let audit = tempfile::tempdir().unwrap();
+    let audit_log = audit.path().join("audit.log");
+    let mut bed = TestBed::builder()
+        .arg("--audit-log")
+        .arg(&audit_log)
+        .start()
+        .await;
     let keys = bed.keys;
     let a = Pod::new("team-a", "app", "app-a");
     let b = a.sibling("app-b");
@@ -54,8 +60,14 @@ async fn no_secret_or_token_reaches_the_logs() {
     bed.agent.sigterm();
     bed.agent.wait_exit(Duration::from_secs(10)).await;
 
-    let logs = bed.agent.logs();
+    let mut logs = bed.agent.logs();
     assert!(!logs.is_empty(), "no log output captured");
+    let audited = std::fs::read_to_string(&audit_log).unwrap_or_default();
+    assert!(
+        audited.lines().count() >= 2,
+        "the audit log recorded the deliveries:\n{audited}"
+    );
+    logs.extend(audited.lines().map(str::to_owned));
     let mut leaks = Vec::new();
     for issued in bed.upstream.issued() {
         for (what, secret) in [

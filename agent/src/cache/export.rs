@@ -61,6 +61,11 @@ struct ExportedCredentials {
     account_id: String,
     /// Unix seconds.
     expiration: u64,
+    /// What the audit log records of the key; absent from a state written before it was.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    assumed_role_arn: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    association_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -218,6 +223,8 @@ impl CredentialCache {
                         session_token: c.creds.session_token().to_owned(),
                         account_id: c.creds.account_id.clone(),
                         expiration: unix_secs(c.creds.expiration),
+                        assumed_role_arn: c.creds.assumed_role_arn.clone(),
+                        association_id: c.creds.association_id.clone(),
                     },
                     fetched_age_ms: age(now, c.fetched_at),
                     fresh_in_ms: offset_ms(now, c.fresh_until),
@@ -260,13 +267,18 @@ impl CredentialCache {
                     continue;
                 }
                 let c = e.credentials;
-                let creds = Arc::new(Credentials::new(
-                    c.access_key_id,
-                    Secret::new(c.secret_access_key),
-                    Secret::new(c.session_token),
-                    c.account_id,
-                    from_unix_secs(c.expiration),
-                ));
+                // A taken key has been delivered to no pod by this agent: its first delivery
+                // here is recorded (`origin: cache`).
+                let creds = Arc::new(
+                    Credentials::new(
+                        c.access_key_id,
+                        Secret::new(c.secret_access_key),
+                        Secret::new(c.session_token),
+                        c.account_id,
+                        from_unix_secs(c.expiration),
+                    )
+                    .issued_for(c.assumed_role_arn, c.association_id),
+                );
                 let lifetime = creds.remaining(SystemTime::now());
                 let cached = Cached {
                     creds,

@@ -62,6 +62,16 @@ use crate::metrics::Metrics;
 use crate::token::Identity;
 use crate::upstream::{Backend, Credentials, FailureKind, UpstreamError};
 
+/// How a request's credentials reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The request waited for the upstream call that fetched them.
+    Fetched,
+    /// They were in the cache: fetched for an earlier request, shared by the pods of an
+    /// association, refreshed in the background, or taken over from an earlier agent.
+    Cached,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CacheKey {
     /// A pod, by UID (or by token digest for a verified token without pod claims).
@@ -261,6 +271,15 @@ impl CredentialCache {
         self: &Arc<Self>,
         identity: &Identity,
     ) -> Result<Arc<Credentials>, CacheError> {
+        self.serve(identity).await.map(|(creds, _)| creds)
+    }
+
+    /// [`Self::get`], and whether the request waited for the upstream call that fetched the
+    /// credentials (the audit log's `origin`).
+    pub async fn serve(
+        self: &Arc<Self>,
+        identity: &Identity,
+    ) -> Result<(Arc<Credentials>, Delivery), CacheError> {
         // Before the cache: what the backend would refuse (the STS backend: no association
         // for this service account, as of the file's last reload) is never served from it,
         // so removing an association stops a pod's cached credentials at once.
@@ -281,7 +300,7 @@ impl CredentialCache {
                 Some(c) if now < c.fresh_until && state.dormant.is_none() => {
                     self.metrics.cache_hits.inc();
                     tracing::debug!(key = %key.describe(), "cache hit");
-                    return Ok(c.creds.clone());
+                    return Ok((c.creds.clone(), Delivery::Cached));
                 }
                 Some(c) if c.servable(now) => Some(c.creds.clone()),
                 _ => None,
@@ -297,7 +316,7 @@ impl CredentialCache {
             if let (Some(creds), Some(retry_at)) = (&stale, state.retry_at) {
                 if now < retry_at {
                     self.metrics.stale_serves.inc();
-                    return Ok(creds.clone());
+                    return Ok((creds.clone(), Delivery::Cached));
                 }
             }
             let rx = match &state.inflight {
@@ -332,13 +351,15 @@ impl CredentialCache {
             Err(_) => match stale {
                 Some(creds) => {
                     self.metrics.stale_serves.inc();
-                    return Ok(creds);
+                    return Ok((creds, Delivery::Cached));
                 }
                 None => return Err(CacheError::Timeout),
             },
         };
         match outcome {
-            Some(result) => result.map_err(CacheError::Upstream),
+            Some(result) => result
+                .map(|creds| (creds, Delivery::Fetched))
+                .map_err(CacheError::Upstream),
             None => Err(CacheError::Internal),
         }
     }

@@ -107,5 +107,9 @@ fn credentials_from(
         .ok_or_else(|| invalid("has no assumed role"))?;
     let account_id =
         account_of_arn(arn).ok_or_else(|| invalid("has an assumed role ARN without an account"))?;
-    checked_credentials(SERVICE, creds, account_id)
+    let association_id = out
+        .pod_identity_association()
+        .map(|a| a.association_id().to_owned())
+        .filter(|id| !id.is_empty());
+    Ok(checked_credentials(SERVICE, creds, account_id)?.issued_for(arn, association_id))
 }

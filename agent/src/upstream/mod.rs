@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::deliveries::Deliveries;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -491,6 +492,13 @@ pub struct Credentials {
     pub access_key_id: String,
     pub account_id: String,
     pub expiration: SystemTime,
+    /// The role session the key belongs to (`assumed-role/<role>/<session>`), as the upstream
+    /// named it; empty when it did not (the audit log records it).
+    pub assumed_role_arn: String,
+    /// EKS Auth's pod identity association behind the key (STS has none).
+    pub association_id: Option<String>,
+    /// The pods this key was recorded as delivered to (`--audit-log`).
+    pub deliveries: Deliveries,
     body: Bytes,
     secret_access_key: Held,
     session_token: Held,
@@ -564,10 +572,25 @@ impl Credentials {
             access_key_id,
             account_id,
             expiration,
+            assumed_role_arn: String::new(),
+            association_id: None,
+            deliveries: Deliveries::default(),
             body: Bytes::from(body),
             secret_access_key: held(secret_at, secret_access_key),
             session_token: held(token_at, session_token),
         }
+    }
+
+    /// The same credentials, with the role session and the association they were issued
+    /// for (what the audit log says of a key besides the key itself).
+    pub fn issued_for(
+        mut self,
+        assumed_role_arn: impl Into<String>,
+        association_id: Option<String>,
+    ) -> Credentials {
+        self.assumed_role_arn = assumed_role_arn.into();
+        self.association_id = association_id;
+        self
     }
 
     /// The JSON body a pod gets for these credentials.

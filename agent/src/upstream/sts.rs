@@ -252,7 +252,11 @@ fn credentials_from(
             return Err(invalid("names another role than the associated one"));
         }
     }
-    checked_credentials(SERVICE, creds, account_id)
+    let assumed = out
+        .assumed_role_user()
+        .map(|u| u.arn().to_owned())
+        .unwrap_or_default();
+    Ok(checked_credentials(SERVICE, creds, account_id)?.issued_for(assumed, None))
 }
 
 #[cfg(test)]

@@ -142,6 +142,9 @@ struct Args {
     /// "valgrind --tool=callgrind --callgrind-out-file=/tmp/callgrind.out.%p").
     #[arg(long)]
     agent_wrapper: Option<String>,
+    /// Run the agent with `--audit-log` at this path (the cost of the audit log under load).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     /// Internal: run as the baseline server, answering every request with this file.
     #[arg(long, hide = true)]
     serve_baseline: Option<PathBuf>,
@@ -417,6 +420,9 @@ impl Lab {
             .args(["--max-connections-per-source", "4096"])
             .args(["--log-format", "json", "--log-level", "warn"])
             .args(extra);
+        if let Some(audit_log) = &self.args.audit_log {
+            cmd.arg("--audit-log").arg(audit_log);
+        }
         process::isolate_agent(&mut cmd);
         let mut process = self.spawn("agent", cmd)?;
         if self.args.agent_wrapper.is_some() {
