@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::config::{
     Config, KeySource, ListenConfig, StaticUpstreamCredentials, UpstreamConfig, DEFAULT_AUDIENCE,
 };
-use crate::keys::signing::SigningKey;
+use crate::identity::keys::signing::SigningKey;
 use crate::Agent;
 
 const DEV_ISSUER: &str = "https://dev.pod-identity-agent.invalid";
@@ -109,7 +109,7 @@ pub async fn run(port: u16) -> Result<(), DevError> {
         .map_err(DevError::StandIn)?;
     let stand_in_addr = stand_in.local_addr().map_err(DevError::StandIn)?;
     let issued = Arc::new(AtomicU64::new(0));
-    let server = tokio::spawn(crate::server::serve(
+    let server = tokio::spawn(crate::edge::server::serve(
         stand_in,
         stop_rx,
         move |req, _peer| stand_in_handle(issued.clone(), req),
@@ -161,11 +161,11 @@ pub async fn run(port: u16) -> Result<(), DevError> {
         agent.metrics_addr()
     );
 
-    let signal = crate::shutdown::wait_for_signal()
+    let signal = crate::lifecycle::shutdown::wait_for_signal()
         .await
         .map_err(DevError::Signal)?;
     tracing::info!(signal, "demo stopping");
-    agent.shutdown(crate::server::DRAIN_TIMEOUT).await;
+    agent.shutdown(crate::edge::server::DRAIN_TIMEOUT).await;
     stop_tx.send_replace(true);
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);

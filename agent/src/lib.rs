@@ -7,34 +7,19 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod associations;
-pub mod attest;
-pub mod audit;
-pub mod cache;
 pub mod config;
-pub mod copy;
+pub mod credentials;
 pub mod defence;
-pub mod deliveries;
 pub mod dev;
-pub mod handoff;
-pub mod http;
-pub mod keys;
-pub mod kube_api;
+pub mod edge;
+pub mod identity;
+pub mod lifecycle;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
-pub mod netlink;
-pub mod pod_object;
-pub mod pods;
-pub mod probe;
-pub mod runtime_dir;
-pub mod server;
-pub mod shutdown;
-pub mod startup_taint;
+pub mod node;
 pub(crate) mod sync;
-pub mod token;
-pub mod upstream;
+pub mod unix_socket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,25 +27,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+
+use crate::edge::{admin, http, probe, server};
+use crate::identity::{attest, kube_api};
+use crate::lifecycle::{audit, handoff, startup_taint};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{AdminState, Readiness};
-use crate::associations::AssociationStore;
-use crate::cache::{CacheSettings, CredentialCache};
 use crate::config::{BackendKind, CallerAttestation, Config, ConfigError, KeySource};
+use crate::credentials::associations::AssociationStore;
+use crate::credentials::cache::{CacheSettings, CredentialCache};
+use crate::credentials::upstream::eks_auth::EksAuth;
+use crate::credentials::upstream::sts::Sts;
+use crate::credentials::upstream::Backend;
 use crate::defence::Defence;
-use crate::handoff::Inherited;
-use crate::http::{AppState, HostAllowList};
-use crate::keys::KeyStore;
-use crate::kube_api::LastContact;
+use crate::edge::admin::AdminState;
+use crate::edge::http::{AppState, HostAllowList};
+use crate::identity::keys::KeyStore;
+use crate::identity::kube_api::LastContact;
+use crate::identity::pods::NodePods;
+use crate::identity::token::Verifier;
+use crate::lifecycle::handoff::Inherited;
+use crate::lifecycle::readiness::Readiness;
 use crate::limits::{LogLimiter, RequestLimiter};
 use crate::metrics::{Features, Metrics};
-use crate::pods::NodePods;
-use crate::token::Verifier;
-use crate::upstream::eks_auth::EksAuth;
-use crate::upstream::sts::Sts;
-use crate::upstream::Backend;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use pod_identity_agent::config::{AuditArgs, Cli, Command, Environment, ProbeArgs, EXIT_USAGE};
-use pod_identity_agent::{defence, logging, netlink, runtime_dir, shutdown, Agent};
+use pod_identity_agent::lifecycle::shutdown;
+use pod_identity_agent::node::{netlink, runtime_dir};
+use pod_identity_agent::{defence, logging, Agent};
 
 /// Overall bound on a graceful stop (the contract says exit within 10 s of SIGTERM).
 const SHUTDOWN_LIMIT: Duration = Duration::from_millis(9500);
@@ -72,7 +74,7 @@ fn main() -> ExitCode {
             };
             runtime.block_on(async move {
                 tokio::select! {
-                    result = pod_identity_agent::copy::run(&args.from, &args.to, &args.file, interval) => {
+                    result = pod_identity_agent::node::copy::run(&args.from, &args.to, &args.file, interval) => {
                         if let Err(e) = result {
                             eprintln!("pod-identity-agent copy-credentials: {e}");
                             return exit(1);
@@ -223,7 +225,10 @@ fn probe(args: &ProbeArgs) -> ExitCode {
             return exit(1);
         }
     };
-    match runtime.block_on(pod_identity_agent::probe::ask(&args.socket, &args.path)) {
+    match runtime.block_on(pod_identity_agent::edge::probe::ask(
+        &args.socket,
+        &args.path,
+    )) {
         Ok(answer) => {
             println!("{} {}: {}", args.path, answer.status, answer.body);
             if answer.status == 200 {
@@ -242,12 +247,12 @@ fn probe(args: &ProbeArgs) -> ExitCode {
 /// `audit PATH [filters]`: the matching records on stdout, one JSON object per line; exit 0
 /// when some matched, 1 when none did, 2 when the log cannot be read (grep's convention).
 fn audit(args: &AuditArgs) -> ExitCode {
-    let filter = pod_identity_agent::audit::Filter {
+    let filter = pod_identity_agent::lifecycle::audit::Filter {
         access_key_id: args.access_key_id.clone(),
         pod_uid: args.pod_uid.clone(),
         namespace: args.namespace.clone(),
     };
-    match pod_identity_agent::audit::search(&args.path, &filter) {
+    match pod_identity_agent::lifecycle::audit::search(&args.path, &filter) {
         Ok(found) => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

@@ -33,9 +33,10 @@ fn the_valid_seed_token_passes_the_signature_and_meets_the_claims_checks() {
     // its signature verifies, and the claims checks then refuse that lifetime (at most 48 h),
     // which only a verified token ever gets to.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/token");
-    let set = pod_identity_agent::keys::KeySet::from_jwks(harness::JWKS.as_bytes()).unwrap();
-    let keys = pod_identity_agent::keys::KeyStore::fixed(set, Default::default());
-    let verifier = pod_identity_agent::token::Verifier::new(
+    let set =
+        pod_identity_agent::identity::keys::KeySet::from_jwks(harness::JWKS.as_bytes()).unwrap();
+    let keys = pod_identity_agent::identity::keys::KeyStore::fixed(set, Default::default());
+    let verifier = pod_identity_agent::identity::token::Verifier::new(
         Some(keys),
         Some(harness::ISSUER.into()),
         vec![harness::AUDIENCE.into()],
@@ -46,7 +47,7 @@ fn the_valid_seed_token_passes_the_signature_and_meets_the_claims_checks() {
         .unwrap();
     let token = std::fs::read_to_string(root.join("valid")).unwrap();
     match rt.block_on(verifier.verify(&token)) {
-        Err(pod_identity_agent::token::TokenError::Claims(why)) => {
+        Err(pod_identity_agent::identity::token::TokenError::Claims(why)) => {
             assert!(why.contains("lives longer"), "{why}")
         }
         other => panic!("expected the lifetime refusal, got {other:?}"),

@@ -10,7 +10,7 @@ mod harness;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use harness::Upstreams;
-use pod_identity_agent::upstream::{
+use pod_identity_agent::credentials::upstream::{
     Credentials, FailureKind, UpstreamError, MAX_CREDENTIAL_LIFETIME, MAX_RESPONSE_BYTES,
 };
 use serde_json::{json, Value};
@@ -269,7 +269,7 @@ fn hostile_sts_answers_are_refused() {
 
 #[test]
 fn hostile_discovery_documents_name_no_key_url() {
-    use pod_identity_agent::keys::jwks_uri_from_discovery;
+    use pod_identity_agent::identity::keys::jwks_uri_from_discovery;
     let ok = jwks_uri_from_discovery(br#"{"jwks_uri":"https://oidc.test/keys"}"#).unwrap();
     assert_eq!(ok.to_string(), "https://oidc.test/keys");
     for doc in [

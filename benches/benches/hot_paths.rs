@@ -17,17 +17,17 @@ use benches::fake_upstream::fake_credentials;
 use benches::pods::{Alg, Issuer, Pod, ISSUER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kube::runtime::watcher::Event;
-use pod_identity_agent::attest::{Attestation, NodeBinding};
-use pod_identity_agent::audit::AuditLog;
-use pod_identity_agent::cache::{CacheSettings, CredentialCache};
 use pod_identity_agent::config::{AuditConfig, CacheScope, DEFAULT_AUDIENCE};
-use pod_identity_agent::http::credentials_response;
-use pod_identity_agent::keys::{KeySet, KeyStore};
+use pod_identity_agent::credentials::cache::{CacheSettings, CredentialCache};
+use pod_identity_agent::credentials::upstream::{Backend, Credentials, FetchFuture};
+use pod_identity_agent::edge::http::credentials_response;
+use pod_identity_agent::identity::attest::{Attestation, NodeBinding};
+use pod_identity_agent::identity::keys::{KeySet, KeyStore};
+use pod_identity_agent::identity::pod_object::PodObject;
+use pod_identity_agent::identity::pods::NodePods;
+use pod_identity_agent::identity::token::{Identity, Token, VerifiedClaims, Verifier};
+use pod_identity_agent::lifecycle::audit::AuditLog;
 use pod_identity_agent::metrics::Metrics;
-use pod_identity_agent::pod_object::PodObject;
-use pod_identity_agent::pods::NodePods;
-use pod_identity_agent::token::{Identity, Token, VerifiedClaims, Verifier};
-use pod_identity_agent::upstream::{Backend, Credentials, FetchFuture};
 use std::hint::black_box;
 
 /// Distinct tokens of the "cold" case: enough that the CPU caches do not keep them all hot,

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use pod_identity_agent::config::DEFAULT_AUDIENCE;
-use pod_identity_agent::upstream::{Credentials, Secret};
+use pod_identity_agent::credentials::upstream::{Credentials, Secret};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

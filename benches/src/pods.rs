@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pod_identity_agent::config::DEFAULT_AUDIENCE;
-use pod_identity_agent::keys::signing::{SigningError, SigningKey};
+use pod_identity_agent::identity::keys::signing::{SigningError, SigningKey};
 
 /// Issuer named in every token (the agent is not given `--issuer`, so it is not checked,
 /// but a real token always has one).

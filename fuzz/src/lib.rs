@@ -14,15 +14,15 @@ use aws_smithy_runtime_api::client::http::{
 use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_runtime_api::http::StatusCode;
-use pod_identity_agent::associations::AssociationStore;
 use pod_identity_agent::config::{StaticUpstreamCredentials, UpstreamConfig};
-use pod_identity_agent::http::HostAllowList;
-use pod_identity_agent::keys::{KeySet, KeyStore};
+use pod_identity_agent::credentials::associations::AssociationStore;
+use pod_identity_agent::credentials::upstream::eks_auth::EksAuth;
+use pod_identity_agent::credentials::upstream::sts::Sts;
+use pod_identity_agent::credentials::upstream::{Backend, Credentials, UpstreamError};
+use pod_identity_agent::edge::http::HostAllowList;
+use pod_identity_agent::identity::keys::{KeySet, KeyStore};
+use pod_identity_agent::identity::token::{Identity, Token, VerifiedClaims, Verifier};
 use pod_identity_agent::metrics::Metrics;
-use pod_identity_agent::token::{Identity, Token, VerifiedClaims, Verifier};
-use pod_identity_agent::upstream::eks_auth::EksAuth;
-use pod_identity_agent::upstream::sts::Sts;
-use pod_identity_agent::upstream::{Backend, Credentials, UpstreamError};
 
 /// The public half of the key that signed the seed tokens in `corpus/token/`.
 pub const JWKS: &str = include_str!("jwks.json");
@@ -68,7 +68,7 @@ pub fn jwks(data: &[u8]) {
 /// An associations file (sts backend).
 pub fn associations(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = pod_identity_agent::associations::parse(text, "fuzz.yaml");
+        let _ = pod_identity_agent::credentials::associations::parse(text, "fuzz.yaml");
     }
 }
 
@@ -101,7 +101,7 @@ pub fn host(data: &[u8]) {
 
 /// An OIDC discovery document (`--issuer`): whatever `jwks_uri` is accepted is an http(s) URL.
 pub fn discovery(data: &[u8]) {
-    if let Ok(uri) = pod_identity_agent::keys::jwks_uri_from_discovery(data) {
+    if let Ok(uri) = pod_identity_agent::identity::keys::jwks_uri_from_discovery(data) {
         assert!(matches!(uri.scheme_str(), Some("http" | "https")), "{uri}");
     }
 }
@@ -274,7 +274,7 @@ fn check_accepted(result: Result<Credentials, UpstreamError>) {
     }
     assert_eq!(creds.account_id.len(), 12);
     let horizon = std::time::SystemTime::now()
-        + pod_identity_agent::upstream::MAX_CREDENTIAL_LIFETIME
+        + pod_identity_agent::credentials::upstream::MAX_CREDENTIAL_LIFETIME
         + std::time::Duration::from_secs(60);
     assert!(creds.expiration <= horizon);
 }

@@ -826,10 +826,10 @@ mod tests {
     #[test]
     fn associations_file_leaves_out_removed_service_accounts() {
         let all = associations_yaml(&[]);
-        let parsed = pod_identity_agent::associations::parse(&all, "a.yaml").unwrap();
+        let parsed = pod_identity_agent::credentials::associations::parse(&all, "a.yaml").unwrap();
         assert_eq!(parsed.len(), SERVICE_ACCOUNT_COUNT);
         let some = associations_yaml(&[("team-00".into(), "app-0".into())]);
-        let parsed = pod_identity_agent::associations::parse(&some, "a.yaml").unwrap();
+        let parsed = pod_identity_agent::credentials::associations::parse(&some, "a.yaml").unwrap();
         assert_eq!(parsed.len(), SERVICE_ACCOUNT_COUNT - 1);
     }
 

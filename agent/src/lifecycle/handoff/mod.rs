@@ -26,10 +26,10 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::cache::{CredentialCache, ExportedEntry};
-use crate::keys::{ExportedKeys, KeyStore};
+use crate::credentials::cache::{CredentialCache, ExportedEntry};
+use crate::identity::keys::{ExportedKeys, KeyStore};
+use crate::identity::pods::{ExportedPods, NodePods};
 use crate::metrics::Metrics;
-use crate::pods::{ExportedPods, NodePods};
 use wire::{Kind, WireError};
 
 /// The state format this agent writes and reads. A state of another version is refused
@@ -352,7 +352,7 @@ pub fn listen(path: &Path, taken: Option<StdUnixListener>) -> std::io::Result<Un
             return UnixListener::from_std(listener);
         }
     }
-    crate::server::bind_owner_only(path)
+    crate::unix_socket::bind_owner_only(path)
 }
 
 impl Giver {

@@ -5,7 +5,6 @@
 //! link-local address: a slow network path must not get a healthy agent restarted.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,39 +13,9 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use crate::cache::CredentialCache;
-use crate::keys::KeyStore;
+use crate::credentials::cache::CredentialCache;
+use crate::lifecycle::readiness::Readiness;
 use crate::metrics::Metrics;
-use crate::pods::NodePods;
-
-/// What readiness depends on.
-pub struct Readiness {
-    pub listeners_bound: AtomicBool,
-    pub keys: Option<Arc<KeyStore>>,
-    /// `--caller-attestation pod`: the node's pod set.
-    pub pods: Option<Arc<NodePods>>,
-    /// Set once this agent has handed its listeners to a newer one (`--handoff-socket`).
-    pub handed_over: Arc<AtomicBool>,
-}
-
-impl Readiness {
-    /// `Ok` when the agent can answer a pod, else the reason it cannot.
-    pub fn check(&self) -> Result<(), &'static str> {
-        if self.handed_over.load(Ordering::Acquire) {
-            return Err("handed over to a newer agent; waiting for SIGTERM");
-        }
-        if !self.listeners_bound.load(Ordering::Acquire) {
-            return Err("credential listeners are not bound");
-        }
-        if self.keys.as_ref().is_some_and(|k| !k.is_loaded()) {
-            return Err("verification keys are not loaded");
-        }
-        if self.pods.as_ref().is_some_and(|p| !p.is_synced()) {
-            return Err("this node's pods have not been listed from the Kubernetes API yet (caller attestation)");
-        }
-        Ok(())
-    }
-}
 
 pub struct AdminState {
     pub readiness: Arc<Readiness>,

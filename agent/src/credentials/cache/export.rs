@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::slot::{Cached, Dormancy, Slot};
 use super::{CacheKey, CredentialCache, PodRef};
-use crate::token::{Identity, Token, VerifiedClaims};
-use crate::upstream::{Credentials, Secret};
+use crate::credentials::upstream::{Credentials, Secret};
+use crate::identity::token::{Identity, Token, VerifiedClaims};
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -8,8 +8,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::policy::{fresh_until, random_fraction, refresh_point, servable_until};
-use crate::token::Identity;
-use crate::upstream::{Credentials, UpstreamError};
+use crate::credentials::upstream::{Credentials, UpstreamError};
+use crate::identity::token::Identity;
 
 pub(super) type FetchOutcome = Result<Arc<Credentials>, UpstreamError>;
 

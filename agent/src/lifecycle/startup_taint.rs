@@ -16,8 +16,8 @@ use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admin::Readiness;
-use crate::kube_api::error_text;
+use crate::identity::kube_api::error_text;
+use crate::lifecycle::readiness::Readiness;
 use crate::metrics::Metrics;
 
 /// How often readiness is looked at while waiting for it: a node's pods wait on this, so a
@@ -172,7 +172,7 @@ fn backoff(failures: u32) -> Duration {
     let d = RETRY_BASE
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(RETRY_CAP);
-    d.mul_f64(0.5 + crate::cache::random_fraction() / 2.0)
+    d.mul_f64(0.5 + crate::credentials::cache::random_fraction() / 2.0)
 }
 
 #[cfg(test)]

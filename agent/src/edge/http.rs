@@ -1,6 +1,6 @@
 //! The credentials port: the one route, the Host allow-list, request limits, and the single
 //! place where every error becomes a status and a JSON body. The listeners themselves are
-//! [`crate::server`]'s.
+//! [`crate::edge::server`]'s.
 //!
 //! A request goes, top to bottom: route and method -> Host -> Authorization -> token
 //! verification -> cache -> JSON.
@@ -18,15 +18,15 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::attest::{AttestError, Attestation};
-use crate::audit::AuditLog;
-use crate::cache::{CacheError, CredentialCache};
+use crate::credentials::cache::{CacheError, CredentialCache};
+use crate::credentials::upstream::{Credentials, FailureKind};
 use crate::defence::{self, Defence};
+use crate::edge::server::FragmentInTarget;
+use crate::identity::attest::{AttestError, Attestation};
+use crate::identity::token::{TokenError, Verifier};
+use crate::lifecycle::audit::AuditLog;
 use crate::limits::{Limited, LogDecision, LogLimiter, RequestLimiter};
 use crate::metrics::Metrics;
-use crate::server::FragmentInTarget;
-use crate::token::{TokenError, Verifier};
-use crate::upstream::{Credentials, FailureKind};
 
 /// The only route on the credentials port.
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
@@ -690,7 +690,7 @@ mod tests {
 
     #[test]
     fn errors_map_to_the_contract_statuses() {
-        use crate::upstream::UpstreamError;
+        use crate::credentials::upstream::UpstreamError;
         let up = |kind, code: &str| {
             ApiError::Cache(CacheError::Upstream(UpstreamError::new(kind, code, "m")))
         };

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::deliveries::Deliveries;
+use crate::credentials::deliveries::Deliveries;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::defence::{self, Defence};
-use crate::token::Identity;
+use crate::identity::token::Identity;
 
 // The SDKs' own retries are turned off and replaced by MAX_ATTEMPTS explicit attempts inside
 // OPERATION_TIMEOUT: a pod's SDK gives up on us after 1 s (JS) or 2 s (botocore) per attempt

@@ -3,7 +3,7 @@
 //! node and source address. `pod-identity-agent audit PATH ...` reads it back.
 //!
 //! - **When.** A delivery is recorded before its response is sent; the record of a key already
-//!   recorded for that pod is not written again ([`crate::deliveries`] keeps that with the
+//!   recorded for that pod is not written again ([`crate::credentials::deliveries`] keeps that with the
 //!   key, so a recorded hit costs one comparison). A refresh that no pod has received yet
 //!   writes nothing: the record is written when a pod first receives the new key.
 //! - **Never a secret.** A record names the key by its ID only: no secret key, session token
@@ -32,12 +32,12 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cache::Delivery;
 use crate::config::{AuditConfig, CacheScope};
-use crate::deliveries::Claim;
+use crate::credentials::cache::Delivery;
+use crate::credentials::deliveries::Claim;
+use crate::credentials::upstream::Credentials;
+use crate::identity::token::Identity;
 use crate::metrics::Metrics;
-use crate::token::Identity;
-use crate::upstream::Credentials;
 
 /// Records waiting for the writer thread. A request that finds it full waits (within its own
 /// deadline) rather than being answered without its record.

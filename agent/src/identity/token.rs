@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use crate::defence::{self, Defence};
-use crate::keys::{KeyStore, KeysError, ACCEPTED_ALGORITHMS};
+use crate::identity::keys::{KeyStore, KeysError, ACCEPTED_ALGORITHMS};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`: node clocks are NTP-synced, but the API
 /// server's and the node's may still differ by a few seconds.
@@ -516,7 +516,7 @@ fn kubernetes_identity(claims: &Claims) -> Result<VerifiedClaims, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::testing::TestKey;
+    use crate::identity::keys::testing::TestKey;
 
     fn claims(ns: &str, sa: &str, uid: &str) -> serde_json::Value {
         let now = now_secs();
@@ -652,7 +652,7 @@ mod tests {
     #[tokio::test]
     async fn verified_results_are_reused_until_the_keys_change() {
         let key = TestKey::es256("k1");
-        let (_dir, path, store) = crate::keys::testing::file_store(&key).await;
+        let (_dir, path, store) = crate::identity::keys::testing::file_store(&key).await;
         let v = Verifier::new(
             Some(store.clone()),
             None,

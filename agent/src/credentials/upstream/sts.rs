@@ -10,10 +10,10 @@ use super::{
     Backend, CodePolicy, ConfigError, Credentials, FailureKind, FetchFuture, ResponseSizeLimit,
     SharedHttpClient, UpstreamError,
 };
-use crate::associations::{Association, AssociationStore};
 use crate::config::UpstreamConfig;
+use crate::credentials::associations::{Association, AssociationStore};
 use crate::defence::{self, Defence};
-use crate::token::Identity;
+use crate::identity::token::Identity;
 
 const SERVICE: &str = "STS";
 
@@ -262,7 +262,7 @@ fn credentials_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::{Token, VerifiedClaims};
+    use crate::identity::token::{Token, VerifiedClaims};
 
     fn identity(ns: &str, pod: Option<&str>, uid: Option<&str>) -> Identity {
         Identity {

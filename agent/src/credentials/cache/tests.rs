@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::policy::{fresh_until, refresh_point, RETRY_BASE};
 use super::*;
-use crate::token::{Token, VerifiedClaims};
-use crate::upstream::{FetchFuture, Secret};
+use crate::credentials::upstream::{FetchFuture, Secret};
+use crate::identity::token::{Token, VerifiedClaims};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const MINUTE: Duration = Duration::from_secs(60);

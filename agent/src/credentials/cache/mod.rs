@@ -56,11 +56,11 @@ use refresh::{Due, Timers};
 use slot::{Cached, Dormancy, FetchOutcome, Origin, Outcome, Slot};
 
 use crate::config::CacheScope;
+use crate::credentials::upstream::{Backend, Credentials, FailureKind, UpstreamError};
 use crate::defence::{self, Defence};
+use crate::identity::token::Identity;
 use crate::limits::RefreshBudget;
 use crate::metrics::Metrics;
-use crate::token::Identity;
-use crate::upstream::{Backend, Credentials, FailureKind, UpstreamError};
 
 /// How a request's credentials reached it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::config::UpstreamConfig;
 use crate::defence::{self, Defence};
-use crate::token::Identity;
+use crate::identity::token::Identity;
 
 const SERVICE: &str = "EKS Auth";
 

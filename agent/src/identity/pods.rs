@@ -27,10 +27,10 @@ use kube::runtime::WatchStreamExt;
 use tokio::sync::{watch, Semaphore};
 
 use crate::defence::{self, Defence};
-use crate::kube_api::{error_text, LastContact};
+use crate::identity::kube_api::{error_text, LastContact};
+use crate::identity::pod_object::{PodFields, PodObject};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
-use crate::pod_object::{PodFields, PodObject};
 use crate::sync;
 
 /// Pods remembered as gone (or malformed), so replays of their tokens cost no API call.

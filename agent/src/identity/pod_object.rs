@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::defence::{self, Defence};
-use crate::kube_api::error_text;
+use crate::identity::kube_api::error_text;
 
 /// One pod object of a list, a watch event or a GET.
 #[derive(Clone, Debug)]

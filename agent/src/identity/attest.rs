@@ -6,14 +6,14 @@
 //!   pod.
 //! - Caller (`--caller-attestation pod`): the token's pod is a live pod of this node, with
 //!   the token's namespace, service account and pod name, and the connection comes from one
-//!   of its IPs ([`crate::pods`]).
+//!   of its IPs ([`crate::identity::pods`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::defence::{self, Defence};
-use crate::pods::{NodePods, Refusal, TokenPod};
-use crate::token::Identity;
+use crate::identity::pods::{NodePods, Refusal, TokenPod};
+use crate::identity::token::Identity;
 
 /// `--node-name` and `--require-node-claim`.
 #[derive(Debug, Clone, Default)]

@@ -24,7 +24,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::admin::{self, Readiness};
+use crate::edge::admin;
+use crate::lifecycle::readiness::Readiness;
 
 /// Connections served at once: the kubelet runs three probes, each one connection.
 const MAX_CONNECTIONS: usize = 8;
@@ -39,7 +40,7 @@ const MAX_ANSWER_BYTES: usize = 4096;
 
 /// Listen on `path` (mode 0600; a file left by an earlier process of this pod is replaced).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    crate::server::bind_owner_only(path)
+    crate::unix_socket::bind_owner_only(path)
 }
 
 /// Answer probes on `listener` until `stop` flips to true (or its sender is dropped).
