@@ -22,7 +22,7 @@ pub const DEFAULT_BIND_HOSTS: &str = "169.254.170.23,[fd00:ec2::23]";
 pub const EXIT_USAGE: i32 = 64;
 /// A flag's environment variable is this prefix and the flag's name in upper snake case,
 /// unless its attribute names a conventional variable of its own (`NODE_NAME`, `AWS_REGION`,
-/// `RUST_LOG`) or it is one of [`COMMAND_LINE_ONLY`]. The rule is applied once, in
+/// `RUST_LOG`) or it is one of the command-line-only flags (`COMMAND_LINE_ONLY`). The rule is applied once, in
 /// [`Cli::try_parse_with_env`], instead of being spelled out on every flag.
 pub const ENV_PREFIX: &str = "POD_IDENTITY_AGENT_";
 /// Flags read from the command line only, by subcommand: a one-off check (`--dry-run`) must

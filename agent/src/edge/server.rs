@@ -318,7 +318,8 @@ impl FragmentMarks {
     }
 }
 
-/// Set on a request whose request line had a fragment (`#`): see [`Wire`].
+/// Set on a request whose request line had a fragment (`#`), which the connection's reader
+/// (`Wire`) notices before hyper drops it.
 #[derive(Debug, Clone, Copy)]
 pub struct FragmentInTarget;
 

@@ -105,7 +105,7 @@ pub async fn connect(metrics: Metrics, contact: Arc<LastContact>) -> Result<kube
 }
 
 /// What an error from the API server or the client says, fit for a log line: control
-/// characters dropped, at most [`MAX_LOGGED_ERROR_CHARS`] (the message of an error answer is
+/// characters dropped, at most `MAX_LOGGED_ERROR_CHARS` characters (the message of an error answer is
 /// the server's own text).
 pub fn error_text(error: &dyn std::fmt::Display) -> String {
     let text = error.to_string();

@@ -1,13 +1,13 @@
 //! The credential cache: one upstream call per key, however many requests arrive, and
 //! credentials that outlive their upstream.
 //!
-//! Each key maps to a [`Slot`](slot::Slot): the last good credentials, the newest token seen
+//! Each key maps to a slot (`slot.rs`): the last good credentials, the newest token seen
 //! for the key, and, while a fetch runs, the receiving end of a watch channel every
 //! concurrent request for that key waits on. Fetches are spawned tasks, so a client that
 //! hangs up does not cancel one.
 //!
 //! Lifecycle of an entry (all times on tokio's clock, so tests pause and advance it; the
-//! numbers are in [`policy`]):
+//! numbers are in `policy.rs`):
 //! - fetched: served at once until `fresh_until` (expiry minus 15 minutes, or half the
 //!   lifetime for short credentials), so no SDK gets credentials it would consider due;
 //! - refresh point (the earlier of `--max-credential-retention-before-renewal` and
