@@ -261,14 +261,36 @@ pub enum BackendKind {
     Sts,
 }
 
-/// `--caller-attestation`: what a caller must prove besides holding a valid token.
+/// `--caller-attestation` as written: what a caller must prove besides holding a valid token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum CallerAttestation {
+pub enum AttestationMode {
     /// Nothing: a token is a bearer credential.
     #[default]
     Off,
     /// The token's pod is a live pod of this node and the connection comes from it.
     Pod,
+}
+
+/// Caller attestation as configured. Attesting needs the node whose pods are watched, so the
+/// node is part of the one value that turns it on: no other setting can leave it half on,
+/// or switch it off by being absent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CallerAttestation {
+    /// Nothing: a token is a bearer credential.
+    #[default]
+    Off,
+    /// A token is served only to its own pod, a live pod of `node` calling from its address.
+    Pod {
+        /// This node (`--node-name`), whose pods are watched.
+        node: String,
+    },
+}
+
+impl CallerAttestation {
+    /// Attestation is on.
+    pub fn is_on(&self) -> bool {
+        matches!(self, CallerAttestation::Pod { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -391,7 +413,7 @@ pub struct ServerArgs {
     /// `pod`: serve a token only to its own pod, a running pod of this node calling from one
     /// of its IPs (the node's pods come from the Kubernetes API; needs --node-name).
     #[arg(long, value_enum, default_value = "off")]
-    pub caller_attestation: CallerAttestation,
+    pub caller_attestation: AttestationMode,
     /// How long each watch of the node's pods runs before it is renewed (tests shorten it to
     /// run an hour of renewals in seconds).
     #[arg(long, default_value_t = DEFAULT_POD_WATCH_TIMEOUT.into(), hide = true)]
@@ -681,6 +703,15 @@ impl ServerArgs {
         let (key_source, issuer) = self.keys(env)?;
         let audiences = self.audiences()?;
         let (node_name, pod_watch_timeout) = self.node()?;
+        let caller_attestation =
+            match (self.caller_attestation, &node_name) {
+                (AttestationMode::Off, _) => CallerAttestation::Off,
+                (AttestationMode::Pod, Some(node)) => CallerAttestation::Pod { node: node.clone() },
+                (AttestationMode::Pod, None) => return Err(bad(
+                    "caller-attestation",
+                    "pod needs --node-name (env NODE_NAME): the agent watches the pods of its node",
+                )),
+            };
         let startup_taint = self.startup_taint(env, node_name.is_some())?;
         let handoff_socket = socket_path("handoff-socket", self.handoff_socket.as_deref())?;
         let probe_socket = socket_path("probe-socket", self.probe_socket.as_deref())?;
@@ -697,7 +728,7 @@ impl ServerArgs {
             issuer,
             require_node_claim: self.require_node_claim,
             audiences,
-            caller_attestation: self.caller_attestation,
+            caller_attestation,
             node_name,
             pod_watch_timeout,
             startup_taint,
@@ -927,7 +958,7 @@ impl ServerArgs {
                     parse_http_url("issuer", iss)?,
                 )?)),
                 // Caller attestation talks to the API server anyway: its keys come from there.
-                None => (self.caller_attestation == CallerAttestation::Pod || env.kubernetes_api)
+                None => (self.caller_attestation == AttestationMode::Pod || env.kubernetes_api)
                     .then_some(KeySource::KubernetesApi),
             },
         };
@@ -985,12 +1016,6 @@ impl ServerArgs {
             return Err(bad(
                 "pod-watch-timeout",
                 "must be whole seconds between 1s and 1h",
-            ));
-        }
-        if self.caller_attestation == CallerAttestation::Pod && node_name.is_none() {
-            return Err(bad(
-                "caller-attestation",
-                "pod needs --node-name (env NODE_NAME): the agent watches the pods of its node",
             ));
         }
         Ok((node_name, pod_watch_timeout))
@@ -1668,6 +1693,30 @@ mod tests {
         assert!(cfg.max_retention.is_zero());
         let cfg = parse(&["-c", "x", "--max-cache-size", "0"]).unwrap();
         assert_eq!(cfg.max_cache_size, 0);
+    }
+
+    /// Attestation is one value with its node: on only with a node to watch, and refused at
+    /// start (naming the flag) without one, never quietly off.
+    #[test]
+    fn caller_attestation_carries_its_node() {
+        let on = parse(&[
+            "-c",
+            "c",
+            "--caller-attestation",
+            "pod",
+            "--node-name",
+            "n-1",
+        ])
+        .unwrap();
+        assert_eq!(
+            on.caller_attestation,
+            CallerAttestation::Pod { node: "n-1".into() }
+        );
+        assert!(on.caller_attestation.is_on());
+        let err = parse(&["-c", "c", "--caller-attestation", "pod"]).unwrap_err();
+        assert!(err.contains("--caller-attestation"), "{err}");
+        let off = parse(&["-c", "c", "--node-name", "n-1"]).unwrap();
+        assert_eq!(off.caller_attestation, CallerAttestation::Off);
     }
 
     #[test]

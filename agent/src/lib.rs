@@ -127,7 +127,7 @@ impl Agent {
         let client = kube.as_ref().map(|(c, _)| c.clone());
         let keys = run.key_store(&config, client.clone())?;
         let cache = run.cache(&config, backend);
-        let pods = run.node_pods(&config, kube, &cache);
+        let pods = run.node_pods(&config, kube, &cache)?;
         // Everything that can refuse the configuration has been built; only now is an
         // earlier agent asked to hand over, so a failure from here on leaves it serving.
         if let Some(path) = &config.handoff_socket {
@@ -209,7 +209,7 @@ impl Agent {
 /// the parts that are off are not (see `metrics.rs`). Each condition is the one under which
 /// [`Startup`] starts that part.
 fn features(config: &Config) -> Features {
-    let attesting = config.caller_attestation == CallerAttestation::Pod;
+    let attesting = config.caller_attestation.is_on();
     Features {
         local_verification: config.key_source.is_some(),
         pod_watch: attesting,
@@ -250,7 +250,7 @@ impl Startup {
         &self,
         config: &Config,
     ) -> Result<Option<(kube::Client, Arc<LastContact>)>, StartError> {
-        let attesting = config.caller_attestation == CallerAttestation::Pod;
+        let attesting = config.caller_attestation.is_on();
         if !attesting
             && config.key_source != Some(KeySource::KubernetesApi)
             && config.startup_taint.is_none()
@@ -280,26 +280,25 @@ impl Startup {
         config: &Config,
         kube: Option<(kube::Client, Arc<LastContact>)>,
         cache: &Arc<CredentialCache>,
-    ) -> Option<Arc<NodePods>> {
-        if config.caller_attestation != CallerAttestation::Pod {
-            return None;
-        }
-        let ((client, contact), Some(node)) = (kube?, config.node_name.clone()) else {
-            return None;
+    ) -> Result<Option<Arc<NodePods>>, StartError> {
+        let CallerAttestation::Pod { node } = &config.caller_attestation else {
+            return Ok(None);
         };
-        let forget = Arc::downgrade(cache);
-        let pods = NodePods::new(
-            node,
-            client,
-            contact,
-            self.metrics.clone(),
-            Box::new(move |uid| {
-                if let Some(cache) = forget.upgrade() {
-                    cache.forget_pod(uid);
-                }
-            }),
-        );
-        Some(pods)
+        // Attesting always builds the client (`kube_client`): without one this is a bug to
+        // report, never a reason to serve unattested.
+        let Some((client, contact)) = kube else {
+            return Err(ConfigError::new(
+                "caller-attestation",
+                "pod needs a Kubernetes API client, and none was built",
+            )
+            .into());
+        };
+        let node = node.clone();
+        // Gone pods reach the cache over a channel the cache consumes.
+        let (gone, forget) = tokio::sync::mpsc::unbounded_channel();
+        let pods = NodePods::new(node, client, contact, self.metrics.clone(), gone);
+        tokio::spawn(cache.clone().forget_gone(forget));
+        Ok(Some(pods))
     }
 
     /// The key reload and the pod watch, started once any state taken over is in.

@@ -327,7 +327,7 @@ fn attestation_for(pods: &[Pod]) -> Attestation {
         client,
         Arc::default(),
         Metrics::new(),
-        Box::new(|_| {}),
+        tokio::sync::mpsc::unbounded_channel().0,
     );
     set.apply(Event::Init);
     for (i, pod) in pods.iter().enumerate() {

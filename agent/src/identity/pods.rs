@@ -281,8 +281,11 @@ enum Seen {
 /// into the pod set for the client's retry.
 type Lookup = watch::Receiver<Option<Result<(), Refusal>>>;
 
-/// Told the UID of every pod found gone, once.
-pub type OnGone = Box<dyn Fn(&str) + Send + Sync>;
+/// Where the UID of every pod found gone is sent, once. The cache consumes it
+/// (`CredentialCache::forget_gone`): the pod set knows nothing of the cache. Unbounded, because
+/// a gone pod must never be dropped on the floor (its credentials would be refreshed on), and
+/// its traffic is bounded by pod deletions on one node.
+pub type GoneSender = tokio::sync::mpsc::UnboundedSender<Box<str>>;
 
 /// The node's pods and the caller check.
 pub struct NodePods {
@@ -291,7 +294,7 @@ pub struct NodePods {
     state: RwLock<State>,
     synced: AtomicBool,
     contact: Arc<LastContact>,
-    on_gone: OnGone,
+    gone: GoneSender,
     metrics: Metrics,
     lookup_budget: Mutex<TokenBucket>,
     lookup_slots: Semaphore,
@@ -306,7 +309,7 @@ impl NodePods {
         client: kube::Client,
         contact: Arc<LastContact>,
         metrics: Metrics,
-        on_gone: OnGone,
+        gone: GoneSender,
     ) -> Arc<NodePods> {
         Arc::new(NodePods {
             node,
@@ -314,7 +317,7 @@ impl NodePods {
             state: RwLock::default(),
             synced: AtomicBool::new(false),
             contact,
-            on_gone,
+            gone,
             metrics,
             lookup_budget: Mutex::new(TokenBucket::new(LOOKUP_RATE, LOOKUP_BURST, Instant::now())),
             lookup_slots: Semaphore::new(LOOKUP_CONCURRENCY),
@@ -775,7 +778,8 @@ impl NodePods {
 
     fn forget(&self, uids: &[Box<str>]) {
         for uid in uids {
-            (self.on_gone)(uid);
+            // Closed only once the cache is gone, when nothing is left to forget.
+            let _ = self.gone.send(uid.clone());
         }
     }
 }
@@ -822,21 +826,34 @@ mod tests {
         .unwrap()
     }
 
+    /// The UIDs a pod set said gone, as the cache would receive them.
+    struct Gone(Mutex<(tokio::sync::mpsc::UnboundedReceiver<Box<str>>, Vec<String>)>);
+
+    impl Gone {
+        /// Every UID said gone so far.
+        fn said(&self) -> Vec<String> {
+            let mut inner = self.0.lock().unwrap();
+            while let Ok(uid) = inner.0.try_recv() {
+                inner.1.push(uid.into());
+            }
+            inner.1.clone()
+        }
+    }
+
     /// A pod set with no API server behind it, fed events by hand; and the UIDs it said gone.
-    fn pods_without_api() -> (Arc<NodePods>, Arc<Mutex<Vec<String>>>) {
+    fn pods_without_api() -> (Arc<NodePods>, Gone) {
         let client =
             kube::Client::try_from(kube::Config::new("https://127.0.0.1:9".parse().unwrap()))
                 .unwrap();
-        let gone = Arc::new(Mutex::new(Vec::new()));
-        let said = gone.clone();
+        let (said, gone) = tokio::sync::mpsc::unbounded_channel();
         let pods = NodePods::new(
             "node-a".into(),
             client,
             Arc::default(),
             Metrics::new(),
-            Box::new(move |uid| said.lock().unwrap().push(uid.to_owned())),
+            said,
         );
-        (pods, gone)
+        (pods, Gone(Mutex::new((gone, Vec::new()))))
     }
 
     fn list(pods: &NodePods, items: Vec<PodObject>) {
@@ -867,7 +884,7 @@ mod tests {
     #[tokio::test]
     async fn a_relist_forgets_pods_that_vanished_and_keeps_the_rest() {
         let (pods, gone) = pods_without_api();
-        let gone = || gone.lock().unwrap().clone();
+        let gone = || gone.said();
         assert_eq!(
             ask(&pods, "a", "u1", "10.0.0.1").await,
             Err(Refusal::NotSynced)
@@ -952,7 +969,7 @@ mod tests {
             ask(&pods, "a", "u1", "10.0.0.1").await,
             Err(Refusal::Malformed)
         );
-        assert!(gone.lock().unwrap().is_empty());
+        assert!(gone.said().is_empty());
         // A deletion is believed from the UID, however the rest reads; it is final.
         pods.apply(Event::Delete(malformed("a", "u1", "10.0.0.1")));
         pods.apply(Event::Apply(running("a", "u1", "10.0.0.1")));
@@ -960,7 +977,7 @@ mod tests {
             ask(&pods, "a", "u1", "10.0.0.1").await,
             Err(Refusal::PodGone)
         );
-        assert_eq!(*gone.lock().unwrap(), ["u1"]);
+        assert_eq!(gone.said(), ["u1"]);
     }
 
     #[tokio::test]

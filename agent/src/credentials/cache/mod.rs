@@ -724,6 +724,16 @@ impl CredentialCache {
     /// Drop every entry of the pod with `uid` at once (it was deleted or has terminated): its
     /// credentials are never served or refreshed again. Entries shared by an association
     /// (`--cache-scope association`) serve the association's other pods and stay.
+    /// Drop the entries of every pod `gone` names, until the pod set that sends them is gone.
+    pub async fn forget_gone(
+        self: Arc<Self>,
+        mut gone: tokio::sync::mpsc::UnboundedReceiver<Box<str>>,
+    ) {
+        while let Some(uid) = gone.recv().await {
+            self.forget_pod(&uid);
+        }
+    }
+
     pub fn forget_pod(&self, uid: &str) -> usize {
         if !defence::on(Defence::PodDeletionForgets) {
             return 0;
