@@ -126,7 +126,7 @@ impl Agent {
         let kube = run.kube_client(&config).await?;
         let client = kube.as_ref().map(|(c, _)| c.clone());
         let keys = run.key_store(&config, client.clone())?;
-        let cache = run.cache(&config, backend);
+        let cache = run.cache(&config, backend.clone());
         let pods = run.node_pods(&config, kube, &cache)?;
         // Everything that can refuse the configuration has been built; only now is an
         // earlier agent asked to hand over, so a failure from here on leaves it serving.
@@ -156,8 +156,13 @@ impl Agent {
             })?),
             None => None,
         };
-        let credential_addrs =
-            run.serve_credentials(&config, credentials, &keys, &cache, pods.clone());
+        let credential_addrs = run.serve_credentials(
+            &config,
+            credentials,
+            &keys,
+            (&backend, &cache),
+            pods.clone(),
+        );
         let (probe_addr, metrics_addr) = (admin.probe_addr, admin.metrics_addr);
         let readiness = run.serve_admin(admin, keys.clone(), cache.clone(), pods.clone());
         // The probe socket outlives a handoff (the old agent stays alive, and says it is not
@@ -472,7 +477,7 @@ impl Startup {
         config: &Config,
         listeners: Vec<TcpListener>,
         keys: &Option<Arc<KeyStore>>,
-        cache: &Arc<CredentialCache>,
+        (backend, cache): (&Arc<dyn Backend>, &Arc<CredentialCache>),
         pods: Option<Arc<NodePods>>,
     ) -> Vec<SocketAddr> {
         let credential_addrs: Vec<SocketAddr> = listeners
@@ -485,6 +490,7 @@ impl Startup {
                 config.issuer.clone(),
                 config.audiences.clone(),
             ),
+            backend: backend.clone(),
             cache: cache.clone(),
             metrics: self.metrics.clone(),
             hosts: HostAllowList::new(credential_addrs.clone()),

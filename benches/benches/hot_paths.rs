@@ -211,7 +211,10 @@ fn audit_hit(c: &mut Criterion) {
     );
     rt.block_on(async {
         for (i, id) in identities.iter().enumerate() {
-            let (creds, delivery) = cache.serve(id).await.expect("first fetch fills the cache");
+            let (creds, delivery) = cache
+                .serve(id, None)
+                .await
+                .expect("first fetch fills the cache");
             audit
                 .deliver(id, &creds, delivery, pod_ip(i))
                 .await
@@ -227,7 +230,7 @@ fn audit_hit(c: &mut Criterion) {
                     let started = Instant::now();
                     for i in 0..iters as usize {
                         let id = &identities[i % pods];
-                        let _ = black_box(cache.serve(black_box(id)).await);
+                        let _ = black_box(cache.serve(black_box(id), None).await);
                     }
                     started.elapsed()
                 })
@@ -241,7 +244,7 @@ fn audit_hit(c: &mut Criterion) {
                         let id = &identities[i % pods];
                         // As the request path does it: the claim, and a record only for a
                         // first delivery (none here: every pod's was recorded above).
-                        if let Ok((creds, delivery)) = cache.serve(black_box(id)).await {
+                        if let Ok((creds, delivery)) = cache.serve(black_box(id), None).await {
                             if let Some(claimed) = audit.claim(id, &creds) {
                                 let source = pod_ip(i % pods);
                                 let recorded = audit.record(claimed, id, &creds, delivery, source);
@@ -267,13 +270,13 @@ fn audit_hit(c: &mut Criterion) {
             for _ in 0..ROUNDS {
                 let started = Instant::now();
                 for i in 0..PER_ROUND {
-                    let _ = black_box(cache.serve(black_box(&identities[i % pods])).await);
+                    let _ = black_box(cache.serve(black_box(&identities[i % pods]), None).await);
                 }
                 off.push(started.elapsed().as_nanos() as f64 / PER_ROUND as f64);
                 let started = Instant::now();
                 for i in 0..PER_ROUND {
                     let id = &identities[i % pods];
-                    if let Ok((creds, delivery)) = cache.serve(black_box(id)).await {
+                    if let Ok((creds, delivery)) = cache.serve(black_box(id), None).await {
                         if let Some(claimed) = audit.claim(id, &creds) {
                             let source = pod_ip(i % pods);
                             let _ = black_box(

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::credentials::cache::{CacheError, CredentialCache};
-use crate::credentials::upstream::{Credentials, FailureKind};
+use crate::credentials::upstream::{Backend, Credentials, FailureKind};
 use crate::defence::{self, Defence};
 use crate::edge::server::FragmentInTarget;
 use crate::identity::attest::{AttestError, Attestation};
@@ -94,6 +94,9 @@ fn retry_after_value(secs: u64) -> &'static str {
 /// Shared state of the credential listeners.
 pub struct AppState {
     pub verifier: Verifier,
+    /// The upstream, asked to admit a request before the cache is (the cache calls it too,
+    /// to fetch).
+    pub backend: Arc<dyn Backend>,
     pub cache: Arc<CredentialCache>,
     pub metrics: Metrics,
     pub hosts: HostAllowList,
@@ -470,7 +473,20 @@ async fn credentials(
         progress.set(Pending::Caller);
         state.attest.check(&identity, peer.ip()).await?;
         progress.set(Pending::Credentials);
-        let (creds, delivery) = state.cache.serve(&identity).await?;
+        // Before the cache: what the backend would refuse (the STS backend: no association
+        // for this service account, as of the file's last reload) is never served from it,
+        // so removing an association stops a pod's cached credentials at once. The role it
+        // names is part of the cache key, so a moved association fetches anew.
+        let role = if defence::on(Defence::AssociationAdmission) {
+            state
+                .backend
+                .admit(&identity)
+                .map_err(CacheError::Upstream)?
+        } else {
+            None
+        };
+        let role = role.filter(|_| defence::on(Defence::RoleInCacheKey));
+        let (creds, delivery) = state.cache.serve(&identity, role).await?;
         // A hit recorded already costs the claim's one check; the record's future is built
         // only for a first delivery.
         if let Some((audit, claimed)) = state

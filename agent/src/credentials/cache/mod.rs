@@ -267,28 +267,24 @@ impl CredentialCache {
 
     /// Credentials for `identity`: from the cache, from a fetch already in flight for the
     /// same key, or from a new fetch.
+    /// For a backend whose answer depends on the token alone (no role to key by): benches and
+    /// tests; the request path admits first, then calls [`Self::serve`] with the role.
     pub async fn get(
         self: &Arc<Self>,
         identity: &Identity,
     ) -> Result<Arc<Credentials>, CacheError> {
-        self.serve(identity).await.map(|(creds, _)| creds)
+        self.serve(identity, None).await.map(|(creds, _)| creds)
     }
 
-    /// [`Self::get`], and whether the request waited for the upstream call that fetched the
-    /// credentials (the audit log's `origin`).
+    /// Credentials for `identity`, admitted by the backend with `role` (what its answer
+    /// depends on besides the token: the STS backend's associated role, part of the key), and
+    /// whether the request waited for the upstream call that fetched them (the audit log's
+    /// `origin`).
     pub async fn serve(
         self: &Arc<Self>,
         identity: &Identity,
+        role: Option<Arc<str>>,
     ) -> Result<(Arc<Credentials>, Delivery), CacheError> {
-        // Before the cache: what the backend would refuse (the STS backend: no association
-        // for this service account, as of the file's last reload) is never served from it,
-        // so removing an association stops a pod's cached credentials at once.
-        let role = if defence::on(Defence::AssociationAdmission) {
-            self.backend.admit(identity)?
-        } else {
-            None
-        };
-        let role = role.filter(|_| defence::on(Defence::RoleInCacheKey));
         let key = CacheKey::for_identity(identity, self.settings.scope, role);
         let now = Instant::now();
         let slot = self.slot_for(&key, now);
