@@ -239,9 +239,9 @@ impl RequestLimiter {
 ///
 /// Refreshes queue for tokens in order (tokio's mutex is fair) and may sleep while holding
 /// the bucket; the rate lives apart, behind a plain mutex, so a rate change never waits behind
-/// that queue. (It used to: a throttled upstream left the rate at its floor and every
-/// `on_success` stuck behind the sleepers, so the queue, and the memory of its waiting
-/// refreshes, grew for as long as the agent ran.)
+/// that queue: were the two one lock, a throttled upstream would leave the rate at its floor
+/// with every `on_success` stuck behind the sleepers, and the queue, with the memory of its
+/// waiting refreshes, would grow for as long as the agent ran.
 pub struct RefreshBudget {
     max_rate: f64,
     rate: std::sync::Mutex<f64>,

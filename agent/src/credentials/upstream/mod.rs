@@ -623,8 +623,8 @@ impl Credentials {
     }
 }
 
-/// How an upstream failure is classified; decides the status a client sees and, with the
-/// next issue's refresh logic, whether cached credentials survive it.
+/// How an upstream failure is classified; decides the status a client sees and, through the
+/// cache's refresh policy, whether cached credentials survive it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// The upstream throttled us (`ThrottlingException`).
