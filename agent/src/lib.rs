@@ -27,10 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-
-use crate::edge::{admin, http, probe, server};
-use crate::identity::{attest, kube_api};
-use crate::lifecycle::{audit, handoff, startup_taint};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -43,12 +39,15 @@ use crate::credentials::upstream::Backend;
 use crate::defence::Defence;
 use crate::edge::admin::AdminState;
 use crate::edge::http::{AppState, HostAllowList};
+use crate::edge::{admin, http, probe, server};
 use crate::identity::keys::KeyStore;
 use crate::identity::kube_api::LastContact;
 use crate::identity::pods::NodePods;
 use crate::identity::token::Verifier;
+use crate::identity::{attest, kube_api};
 use crate::lifecycle::handoff::Inherited;
 use crate::lifecycle::readiness::Readiness;
+use crate::lifecycle::{audit, handoff, startup_taint};
 use crate::limits::{LogLimiter, RequestLimiter};
 use crate::metrics::{Features, Metrics};
 

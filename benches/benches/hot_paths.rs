@@ -247,7 +247,7 @@ fn audit_hit(c: &mut Criterion) {
                         if let Ok((creds, delivery)) = cache.serve(black_box(id), None).await {
                             if let Some(claimed) = audit.claim(id, &creds) {
                                 let source = pod_ip(i % pods);
-                                let recorded = audit.record(claimed, id, &creds, delivery, source);
+                                let recorded = audit.record(claimed, &creds, delivery, source);
                                 let _ = black_box(recorded.await);
                             }
                         }
@@ -279,9 +279,8 @@ fn audit_hit(c: &mut Criterion) {
                     if let Ok((creds, delivery)) = cache.serve(black_box(id), None).await {
                         if let Some(claimed) = audit.claim(id, &creds) {
                             let source = pod_ip(i % pods);
-                            let _ = black_box(
-                                audit.record(claimed, id, &creds, delivery, source).await,
-                            );
+                            let _ =
+                                black_box(audit.record(claimed, &creds, delivery, source).await);
                         }
                     }
                 }

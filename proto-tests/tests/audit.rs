@@ -9,11 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use proto_tests::agent::agent_binary;
-use proto_tests::assertions::parse_rfc3339_utc;
+use proto_tests::assertions::{parse_rfc3339_utc, wait_until};
 use proto_tests::{Pod, TestBed};
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::time::Instant;
 
 const NODE: &str = "node-audit";
 
@@ -176,14 +175,10 @@ async fn a_refreshed_key_is_recorded_when_a_pod_first_receives_it() {
     let first = a.ask(&pod, [127, 0, 0, 31]).await;
     // Asked again within the retention: in use, so the refresh point renews it.
     assert_eq!(a.ask(&pod, [127, 0, 0, 31]).await, first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.bed.upstream.calls() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no background refresh within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("a background refresh", Duration::from_secs(10), || {
+        a.bed.upstream.calls() >= 2
+    })
+    .await;
     assert_eq!(
         records(&a.log()).len(),
         1,
@@ -380,15 +375,12 @@ async fn after_a_handoff_the_new_agent_records_a_taken_key_at_its_first_delivery
         .args(common)
         .start()
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !bed
-        .agent
-        .logs_text()
-        .contains("handed over to the next agent")
-    {
-        assert!(Instant::now() < deadline, "no handoff within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the old agent's handoff", Duration::from_secs(10), || {
+        bed.agent
+            .logs_text()
+            .contains("handed over to the next agent")
+    })
+    .await;
     for _ in 0..3 {
         let r = b.fetch_credentials(&token).await;
         assert_eq!(r.status, 200, "{}", b.logs_text());

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use proto_tests::agent::{send_to, CREDENTIALS_PATH};
+use proto_tests::assertions::wait_until;
 use proto_tests::{Agent, AgentBuilder, FakeKubeApi, Fault, KubePod, Pod, TestBed};
 use tempfile::TempDir;
 use tokio::time::Instant;
@@ -808,9 +809,8 @@ async fn the_exec_probe_asks_its_own_agent_not_whichever_holds_the_probe_port() 
 /// Until the old agent logs that it has handed over (bounded). Its metrics port is the new
 /// agent's by then.
 async fn wait_until_handed_over(agent: &Agent) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.logs_text().contains("handed over to the next agent") {
-        assert!(Instant::now() < deadline, "no handoff within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the old agent's handoff", Duration::from_secs(10), || {
+        agent.logs_text().contains("handed over to the next agent")
+    })
+    .await;
 }

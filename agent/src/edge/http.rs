@@ -488,20 +488,18 @@ async fn credentials(
         let role = role.filter(|_| defence::on(Defence::RoleInCacheKey));
         let (creds, delivery) = state.cache.serve(&identity, role).await?;
         // A hit recorded already costs the claim's one check; the record's future is built
-        // only for a first delivery.
-        if let Some((audit, claimed)) = state
-            .audit
-            .as_ref()
-            .and_then(|audit| Some((audit, audit.claim(&identity, &creds)?)))
-        {
-            // The pod gets its credentials whatever became of the record: the failure is
-            // counted (and alerted on), and logged here at most a few times a minute.
-            let recorded = audit.record(claimed, &identity, &creds, delivery, peer.ip());
-            if let Err(e) = recorded.await {
-                if let LogDecision::Log { suppressed } =
-                    state.refusal_logs.check("AuditWriteFailed", Instant::now())
-                {
-                    tracing::error!(error = %e, suppressed, "audit record not written; the request is served");
+        // only for a first delivery. The pod gets its credentials whatever became of the
+        // record: a failure is counted (and alerted on), and logged here at most a few times
+        // a minute.
+        if let Some(audit) = &state.audit {
+            if let Some(claimed) = audit.claim(&identity, &creds) {
+                let recorded = audit.record(claimed, &creds, delivery, peer.ip());
+                if let Err(e) = recorded.await {
+                    if let LogDecision::Log { suppressed } =
+                        state.refusal_logs.check("AuditWriteFailed", Instant::now())
+                    {
+                        tracing::error!(error = %e, suppressed, "audit record not written; the request is served");
+                    }
                 }
             }
         }

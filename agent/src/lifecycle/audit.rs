@@ -36,7 +36,7 @@ use crate::config::{AuditConfig, CacheScope};
 use crate::credentials::cache::Delivery;
 use crate::credentials::deliveries::Claim;
 use crate::credentials::upstream::Credentials;
-use crate::identity::token::Identity;
+use crate::identity::token::{Identity, VerifiedClaims};
 use crate::metrics::Metrics;
 
 /// Records waiting for the writer thread. A request that finds it full waits (within its own
@@ -95,7 +95,9 @@ pub enum AuditError {
 
 /// A delivery [`AuditLog::claim`] reserved for recording.
 pub struct Claimed<'a> {
-    /// The pod it is recorded for: its UID, or its token's digest for a token of no pod.
+    /// What the verified token says of the pod.
+    claims: &'a VerifiedClaims,
+    /// The pod it is recorded for: its UID, or its token's fingerprint for a token of no pod.
     pod: Cow<'a, str>,
     /// The key remembers the pod (it had room): the write's outcome settles it.
     remembered: bool,
@@ -161,10 +163,7 @@ impl AuditLog {
         source: IpAddr,
     ) -> Result<(), AuditError> {
         match self.claim(identity, creds) {
-            Some(claimed) => {
-                self.record(claimed, identity, creds, delivery, source)
-                    .await
-            }
+            Some(claimed) => self.record(claimed, creds, delivery, source).await,
             None => Ok(()),
         }
     }
@@ -176,11 +175,12 @@ impl AuditLog {
         let claims = identity.verified.as_ref()?;
         let pod = match &claims.pod_uid {
             Some(uid) => Cow::Borrowed(uid.as_str()),
-            None => Cow::Owned(format!("token:{}", hex(&identity.token.digest()[..8]))),
+            None => Cow::Owned(format!("token:{}", identity.token.fingerprint())),
         };
         match creds.deliveries.claim(&pod, self.shared) {
             Claim::Recorded => None,
             claim => Some(Claimed {
+                claims,
                 pod,
                 remembered: claim == Claim::Write,
             }),
@@ -191,14 +191,11 @@ impl AuditLog {
     pub async fn record(
         &self,
         claimed: Claimed<'_>,
-        identity: &Identity,
         creds: &Credentials,
         delivery: Delivery,
         source: IpAddr,
     ) -> Result<(), AuditError> {
-        let Some(claims) = &identity.verified else {
-            return Ok(());
-        };
+        let claims = claimed.claims;
         let origin = match delivery {
             Delivery::Fetched => "upstream",
             Delivery::Cached => "cache",
@@ -248,10 +245,6 @@ impl AuditLog {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The writer thread's side: the open file and its rotation.
 struct Writer {
     path: PathBuf,
@@ -282,12 +275,15 @@ impl Writer {
     fn write_batch(&mut self, batch: &mut Vec<Job>) {
         let mut pending: Vec<Job> = Vec::new();
         let mut bytes: Vec<u8> = Vec::new();
+        // The file's size as the batch starts (one look at the file per batch, not per line),
+        // and again after each rotation.
+        let mut size = self.current().map(|(_, size)| *size).unwrap_or(0);
         for job in batch.drain(..) {
-            let size = self.current().map(|(_, size)| *size).unwrap_or(0);
             let after = size + bytes.len() as u64 + job.line.len() as u64;
             if after > self.max_size && size + bytes.len() as u64 > 0 {
                 self.flush(&mut pending, &mut bytes);
                 self.rotate();
+                size = self.current().map(|(_, size)| *size).unwrap_or(0);
             }
             bytes.extend_from_slice(&job.line);
             pending.push(job);
